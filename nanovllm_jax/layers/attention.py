@@ -1,0 +1,47 @@
+"""Paged attention for the model: per-step metadata as an explicit pytree, and the store-then-attend step.
+
+The new tokens' K/V are written into the paged cache first (`store_kv`), then attention reads every key,
+prefix and new alike, from the cache. The KV cache flows functionally: each call returns the updated
+caches, which the caller rebinds; the engine's jitted step donates them, so the store happens in place.
+"""
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+
+from nanovllm_jax import kernels
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """What attention needs for one step. Arrays are data; `is_prefill` is static (one trace each).
+
+    T tokens in the step (padded), B sequences (padded), W block-table width.
+    """
+
+    slot_mapping: jax.Array  # [T] int32, cache slot of each new token; -1 for padded tokens (no write)
+    block_tables: jax.Array  # [B, W] int32 pages of each sequence; padding entries are never read
+    context_lens: jax.Array  # [B] int32 tokens in the cache per sequence after this step's store; 0: padded
+    cu_q_lens: jax.Array  # [B + 1] int32 cumulative new-token counts (prefill; unused in decode)
+    is_prefill: bool = field(metadata=dict(static=True))
+
+
+def paged_attention(q, k, v, k_cache, v_cache, md: AttentionMetadata, impl: str = "auto"):
+    """q [T, N, H], k/v [T, K, H]; caches [S, K, P, H]. Returns (out [T, N, H], k_cache, v_cache).
+
+    impl "auto" uses the kernels' public entries (Pallas on GPU, their jnp references on CPU);
+    "reference" forces the jnp references everywhere (for parity checks).
+    """
+    ref = impl == "reference"
+    store = kernels.store_kv_reference if ref else kernels.store_kv
+    k_cache, v_cache = store(k_cache, v_cache, k, v, md.slot_mapping)
+    if md.is_prefill:
+        fn = kernels.paged_prefill_attention_reference if ref else kernels.paged_prefill_attention
+        out = fn(q, k_cache, v_cache, md.block_tables, md.cu_q_lens, md.context_lens)
+    else:
+        # Decode: one new token per sequence, so T == B.
+        fn = kernels.paged_decode_attention_reference if ref else kernels.paged_decode_attention
+        out = fn(q, k_cache, v_cache, md.block_tables, md.context_lens)
+    return out, k_cache, v_cache

@@ -1,0 +1,207 @@
+"""The Qwen3 causal LM as a Flax NNX module (Qwen2-style checkpoints too: qkv bias, no q/k norm).
+
+Written for tensor parallelism from the start: the module is built with the *per-shard* sizes of
+`ModelArgs.for_shard`, and `tp_axis` names the mesh axis to all-reduce over (None on one device).
+Under `shard_map` each device runs exactly this single-device math on its slice: q/k/v and gate/up are
+fused column-parallel projections (per shard: [q | k | v] and [gate | up]), o and down are row-parallel
+(one psum each), the embedding and LM head are vocab-parallel.
+
+Axes: T tokens, D model, N q heads, K kv heads, H head dim, I intermediate, V vocab.
+"""
+
+from dataclasses import dataclass, replace
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanovllm_jax.layers.attention import AttentionMetadata, paged_attention
+from nanovllm_jax.layers.rotary import apply_rope, rope_theta
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    dtype: jnp.dtype
+    tp_size: int = 1  # the shard sizes below are per device when tp_size > 1
+
+    @classmethod
+    def from_hf(cls, hf_config, dtype=None) -> "ModelArgs":
+        model_type = getattr(hf_config, "model_type", "qwen3")
+        if model_type not in ("qwen3", "qwen2"):
+            raise ValueError(f"model_type {model_type!r} is not supported; nanovllm-jax runs Qwen3 (and Qwen2)")
+        heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+        if dtype is None:
+            dtype = checkpoint_dtype(hf_config)
+        return cls(
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            intermediate_size=hf_config.intermediate_size,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            rope_theta=rope_theta(hf_config),
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+            dtype=jnp.dtype(dtype),
+        )
+
+    def check_tp(self, tp: int):
+        """Raise ValueError unless `tp` devices can split this model's heads and MLP."""
+        if self.num_heads % tp:
+            raise ValueError(
+                f"tensor_parallel_size={tp} does not divide the {self.num_heads} attention heads; "
+                f"use one of {[d for d in range(1, 9) if self.num_heads % d == 0]}"
+            )
+        if not (self.num_kv_heads % tp == 0 or tp % self.num_kv_heads == 0):
+            raise ValueError(
+                f"tensor_parallel_size={tp} and the {self.num_kv_heads} kv heads: one must divide the other"
+            )
+        if self.intermediate_size % tp:
+            raise ValueError(f"tensor_parallel_size={tp} does not divide intermediate_size {self.intermediate_size}")
+
+    def for_shard(self, tp: int) -> "ModelArgs":
+        """Per-device sizes under `tp`-way tensor parallelism (kv heads replicated when tp exceeds them)."""
+        self.check_tp(tp)
+        return replace(
+            self,
+            num_heads=self.num_heads // tp,
+            num_kv_heads=max(self.num_kv_heads // tp, 1),
+            intermediate_size=self.intermediate_size // tp,
+            vocab_size=-(-self.vocab_size // tp),  # vocab padded up to a multiple of tp
+            tp_size=tp,
+        )
+
+
+def checkpoint_dtype(hf_config):
+    name = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "bfloat16"
+    name = str(name).removeprefix("torch.")
+    if name not in ("bfloat16", "float32"):
+        raise ValueError(f"checkpoint dtype {name!r} is not supported (bfloat16 or float32)")
+    return jnp.dtype(name)
+
+
+def _param(shape, dtype):
+    # Values come from the checkpoint; the module is built abstractly (nnx.eval_shape), so this is a shape.
+    return nnx.Param(jnp.zeros(shape, dtype))
+
+
+def _all_reduce(x, tp_axis):
+    return x if tp_axis is None else jax.lax.psum(x, tp_axis)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = _param((dim,), dtype)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+class Qwen3Attention(nnx.Module):
+    def __init__(self, a: ModelArgs, tp_axis: str | None, attn_impl: str):
+        self.n, self.k, self.h = a.num_heads, a.num_kv_heads, a.head_dim
+        self.qkv = _param((a.hidden_size, (self.n + 2 * self.k) * self.h), a.dtype)  # [D, (N+2K)H]
+        self.qkv_bias = _param(((self.n + 2 * self.k) * self.h,), a.dtype) if a.qkv_bias else None
+        self.o = _param((self.n * self.h, a.hidden_size), a.dtype)  # [NH, D] row-parallel
+        self.q_norm = RMSNorm(self.h, a.rms_norm_eps, a.dtype) if a.qk_norm else None
+        self.k_norm = RMSNorm(self.h, a.rms_norm_eps, a.dtype) if a.qk_norm else None
+        self.theta, self.tp_axis, self.attn_impl = a.rope_theta, tp_axis, attn_impl
+
+    def __call__(self, x, positions, k_cache, v_cache, md: AttentionMetadata):
+        T = x.shape[0]
+        qkv = jnp.einsum("TD,DF->TF", x, self.qkv[...])
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias[...]
+        q, k, v = jnp.split(qkv, [self.n * self.h, (self.n + self.k) * self.h], axis=-1)
+        q, k, v = q.reshape(T, self.n, self.h), k.reshape(T, self.k, self.h), v.reshape(T, self.k, self.h)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, self.theta), apply_rope(k, positions, self.theta)
+        o, k_cache, v_cache = paged_attention(q, k, v, k_cache, v_cache, md, self.attn_impl)
+        out = jnp.einsum("TF,FD->TD", o.reshape(T, self.n * self.h), self.o[...])
+        return _all_reduce(out, self.tp_axis), k_cache, v_cache
+
+
+class Qwen3MLP(nnx.Module):
+    def __init__(self, a: ModelArgs, tp_axis: str | None):
+        self.gate_up = _param((a.hidden_size, 2 * a.intermediate_size), a.dtype)  # [D, 2I] column-parallel
+        self.down = _param((a.intermediate_size, a.hidden_size), a.dtype)  # [I, D] row-parallel
+        self.tp_axis = tp_axis
+
+    def __call__(self, x):
+        gate, up = jnp.split(jnp.einsum("TD,DF->TF", x, self.gate_up[...]), 2, axis=-1)
+        out = jnp.einsum("TI,ID->TD", jax.nn.silu(gate) * up, self.down[...])
+        return _all_reduce(out, self.tp_axis)
+
+
+class Qwen3DecoderLayer(nnx.Module):
+    def __init__(self, a: ModelArgs, tp_axis: str | None, attn_impl: str):
+        self.input_norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.dtype)
+        self.attn = Qwen3Attention(a, tp_axis, attn_impl)
+        self.post_attn_norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.dtype)
+        self.mlp = Qwen3MLP(a, tp_axis)
+
+    def __call__(self, x, positions, k_cache, v_cache, md):
+        h, k_cache, v_cache = self.attn(self.input_norm(x), positions, k_cache, v_cache, md)
+        x = x + h
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, k_cache, v_cache
+
+
+class Qwen3ForCausalLM(nnx.Module):
+    """`__call__` returns final hidden states and the updated caches; `compute_logits` applies the head.
+
+    The runner picks the rows that need logits (the last token of each sequence) before the LM head,
+    so a prefill never materialises [T, V] logits.
+    """
+
+    def __init__(self, a: ModelArgs, tp_axis: str | None = None, attn_impl: str = "auto"):
+        self.args, self.tp_axis = a, tp_axis
+        self.embed = _param((a.vocab_size, a.hidden_size), a.dtype)  # [V, D] vocab-parallel
+        self.layers = nnx.List([Qwen3DecoderLayer(a, tp_axis, attn_impl) for _ in range(a.num_layers)])
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.dtype)
+        self.lm_head = None if a.tie_word_embeddings else _param((a.hidden_size, a.vocab_size), a.dtype)  # [D, V]
+
+    def __call__(self, input_ids, positions, kv_caches, md: AttentionMetadata):
+        """input_ids, positions [T] int32; kv_caches: a list of (k_cache, v_cache) per layer."""
+        x = self._embed(input_ids)
+        new_caches = []
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            x, k_cache, v_cache = layer(x, positions, k_cache, v_cache, md)
+            new_caches.append((k_cache, v_cache))
+        return self.norm(x), new_caches
+
+    def _embed(self, ids):
+        table = self.embed[...]
+        if self.tp_axis is None:
+            return table[ids]
+        # Vocab-parallel: each shard looks up the ids in its row range, zeros elsewhere, then one psum.
+        local = ids - jax.lax.axis_index(self.tp_axis) * table.shape[0]
+        hit = (local >= 0) & (local < table.shape[0])
+        x = jnp.where(hit[:, None], table[jnp.where(hit, local, 0)], 0)
+        return jax.lax.psum(x, self.tp_axis)
+
+    def compute_logits(self, x):
+        """x [B, D] -> float32 logits [B, V] (per shard: this shard's vocab slice)."""
+        if self.lm_head is None:
+            return jnp.einsum("BD,VD->BV", x, self.embed[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("BD,DV->BV", x, self.lm_head[...], preferred_element_type=jnp.float32)
