@@ -40,13 +40,13 @@ def test_config_rejects_bad_values(checkpoint, kw, match):
         Config(checkpoint("tiny"), **kw)
 
 
-def test_config_rejects_bad_model_dir(tmp_path):
+def test_config_rejects_bad_model_dir(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         Config(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="no config.json"):
         Config(str(tmp_path))
     with pytest.raises(TypeError, match="max_num_seqs must be an int"):
-        Config(str(tmp_path), max_num_seqs=2.5)
+        Config(checkpoint("tiny"), max_num_seqs=2.5)
 
 
 def test_sampling_params_defaults_and_errors():
