@@ -1,0 +1,264 @@
+"""ModelRunner: weights, the paged KV cache, and the jitted, bucketed prefill/decode/sample steps.
+
+Only dense padded arrays cross into jit. A step's inputs are packed on the host into one int32 and one
+float32 array (one transfer each); its output is the sampled token ids, read back once per step. Token
+counts and sequence counts are padded to the buckets below, the block-table width is fixed
+(max_model_len / block_size), and every bucket is compiled at start-up (`precompile`), the JAX analogue
+of CUDA-graph capture; with `enforce_eager=True` nothing is compiled at start-up and each bucket compiles
+on its first use. The KV cache is donated to every step and rebound to the step's result, so the
+store is in place. Under tensor parallelism the model step runs per device inside `jax.shard_map`.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from nanovllm_jax.config import Config
+from nanovllm_jax.engine.sequence import Sequence
+from nanovllm_jax.layers.attention import AttentionMetadata
+from nanovllm_jax.layers.sampler import sample
+from nanovllm_jax.utils.loader import TP_AXIS, load_model, make_mesh
+
+# JAX preallocates 75% of GPU memory by default; gpu_memory_utilization is a fraction of JAX's pool,
+# so let the pool cover 95% of the device unless the user chose otherwise (effective only if set
+# before JAX starts its GPU backend; the README says so).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+# The persistent compilation cache, on by default (start-up compiles every bucket).
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nanovllm_jax", "xla")
+
+# Decode batches pad to the next of these (capped at max_num_seqs). A padded row reads no KV (its
+# context is 0) and writes nowhere (slot -1), so coarse buckets cost little.
+DECODE_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Prefill token counts pad to the next power of two from this minimum (capped at max_num_batched_tokens).
+MIN_PREFILL_TOKENS = 64
+# On CPU there is no device memory to size the cache from: this many bytes of KV cache by default.
+CPU_KV_CACHE_BYTES = 512 * 2**20
+
+
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    return sorted({min(b, max_num_seqs) for b in DECODE_BATCH_BUCKETS})
+
+
+def prefill_buckets(max_num_batched_tokens: int) -> list[int]:
+    top = max(max_num_batched_tokens, 1)
+    out, t = [], MIN_PREFILL_TOKENS
+    while t < top:
+        out.append(t)
+        t *= 2
+    return out + [top]
+
+
+def pick(buckets: list[int], n: int) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The static (trace-time) shape of a step: T tokens, B sequences, W block-table width."""
+
+    is_prefill: bool
+    tokens: int
+    seqs: int
+    width: int
+
+    def layout(self):
+        T, B, W = self.tokens, self.seqs, self.width
+        # Segments of the packed int32 input, in order.
+        return dict(input_ids=T, positions=T, slot_mapping=T, block_tables=B * W, context_lens=B,
+                    cu_q_lens=B + 1, logits_idx=B, top_ks=B, step=1)
+
+
+def unpack(buf, shape: StepShape) -> dict:
+    out, at = {}, 0
+    for name, n in shape.layout().items():
+        out[name] = buf[at:at + n]
+        at += n
+    out["block_tables"] = out["block_tables"].reshape(shape.seqs, shape.width)
+    return out
+
+
+class ModelRunner:
+    def __init__(self, config: Config, seed: int = 0):
+        self.config = config
+        if jax.config.jax_compilation_cache_dir is None:
+            jax.config.update("jax_compilation_cache_dir", DEFAULT_CACHE_DIR)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        self.block_size = config.kvcache_block_size
+        self.width = math.ceil(config.max_model_len / self.block_size)
+        self.mesh = make_mesh(config.tensor_parallel_size)
+        self.graphdef, self.state, self.args, self.shard_args, self.state_specs = load_model(
+            config.model, config.hf_config, self.mesh)
+        self.vocab_size = self.args.vocab_size
+        self.seed = seed
+        self.step_count = 0
+        self.decode_buckets = decode_buckets(config.max_num_seqs)
+        self.prefill_buckets = prefill_buckets(config.max_num_batched_tokens)
+        self._model_step = jax.jit(self._model_step_fn, static_argnums=(3,), donate_argnums=(1,))
+        self._sample = jax.jit(self._sample_fn, static_argnums=(3,))
+        self.num_blocks = self._num_kv_blocks()
+        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        self.compiled = {}
+        if not config.enforce_eager:
+            self.precompile()
+
+    # ---- device functions -------------------------------------------------------------------------
+
+    def _forward(self, state, kv_caches, ints, shape: StepShape):
+        """Per device: the model on this step's tokens -> (logits [B, V_local] float32, caches)."""
+        model = nnx.merge(self.graphdef, state)
+        x = unpack(ints, shape)
+        md = AttentionMetadata(x["slot_mapping"], x["block_tables"], x["context_lens"], x["cu_q_lens"],
+                               shape.is_prefill)
+        hidden, kv_caches = model(x["input_ids"], x["positions"], kv_caches, md)
+        logits = model.compute_logits(hidden[x["logits_idx"]])
+        if self.mesh.size > 1:
+            logits = jax.lax.all_gather(logits, TP_AXIS, axis=1, tiled=True)
+        return logits, kv_caches
+
+    def _model_step_fn(self, state, kv_caches, ints, shape: StepShape):
+        if self.mesh.size == 1:
+            return self._forward(state, kv_caches, ints, shape)
+        cache_spec = [(P(None, TP_AXIS), P(None, TP_AXIS))] * len(kv_caches)
+        return jax.shard_map(
+            lambda s, c, i: self._forward(s, c, i, shape),
+            mesh=self.mesh,
+            in_specs=(self.state_specs, cache_spec, P()),  # weights per their plan; caches by kv head
+            out_specs=(P(), cache_spec),  # logits all-gathered over the vocab, so replicated
+            check_vma=False,
+        )(state, kv_caches, ints)
+
+    def _sample_fn(self, logits, ints, floats, use_top_k_top_p: bool):
+        B = floats.shape[0] // 2
+        logits = logits[:, : self.vocab_size]  # drop the vocab padding of tensor parallelism
+        key = jax.random.fold_in(jax.random.key(self.seed), ints[-1])
+        return sample(logits, floats[:B], ints[-1 - B:-1], floats[B:], key, use_top_k_top_p=use_top_k_top_p)
+
+    # ---- KV cache ------------------------------------------------------------------------------------
+
+    def _block_bytes(self) -> int:
+        a = self.shard_args  # per device
+        return 2 * a.num_layers * a.num_kv_heads * self.block_size * a.head_dim * jnp.dtype(a.dtype).itemsize
+
+    def _num_kv_blocks(self) -> int:
+        config = self.config
+        if config.num_kvcache_blocks > 0:
+            num_blocks = config.num_kvcache_blocks
+        elif self.mesh.devices.flat[0].platform == "cpu":
+            num_blocks = max(CPU_KV_CACHE_BYTES // self._block_bytes(), 1)
+        else:
+            num_blocks = self._blocks_from_memory()
+        needed = self.width
+        if num_blocks < needed:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens, but one sequence of "
+                f"max_model_len={config.max_model_len} needs {needed}; lower max_model_len, or raise "
+                f"gpu_memory_utilization / num_kvcache_blocks (or use more devices)"
+            )
+        return num_blocks
+
+    def _blocks_from_memory(self) -> int:
+        """Blocks that fit in gpu_memory_utilization of each device's pool after weights and a worst case
+        prefill's activations (measured with a warm-up forward on a one-block cache)."""
+        one_block = self._allocate_kv_cache(1)
+        shape = StepShape(True, self.prefill_buckets[-1], min(self.prefill_buckets[-1], self.config.max_num_seqs),
+                          self.width)
+        ints = np.zeros(sum(shape.layout().values()), np.int32)
+        ints[2 * shape.tokens:3 * shape.tokens] = -1  # write nowhere
+        logits, one_block = self._model_step(self.state, one_block, jnp.asarray(ints), shape)
+        logits.block_until_ready()
+        del one_block, logits
+        free = []
+        for device in self.mesh.devices.flat:
+            stats = device.memory_stats()
+            budget = stats["bytes_limit"] * self.config.gpu_memory_utilization
+            free.append(budget - stats["peak_bytes_in_use"])
+        return max(int(min(free) // self._block_bytes()), 0)
+
+    def _allocate_kv_cache(self, num_blocks: int):
+        a = self.shard_args
+        # Global shape: the kv-head axis holds each device's kv heads (copies when they are replicated).
+        shape = (num_blocks, a.num_kv_heads * self.mesh.size, self.block_size, a.head_dim)
+        sharding = NamedSharding(self.mesh, P(None, TP_AXIS))
+        zeros = jax.jit(lambda: jnp.zeros(shape, a.dtype), out_shardings=sharding)
+        return [(zeros(), zeros()) for _ in range(a.num_layers)]
+
+    # ---- host side -----------------------------------------------------------------------------------
+
+    def precompile(self):
+        """Compile every decode batch bucket and prefill token bucket, and both sampler variants of each."""
+        shapes = [self._shape(False, b, b) for b in self.decode_buckets]
+        shapes += [self._shape(True, t, t) for t in self.prefill_buckets]
+        for shape in shapes:
+            for use_top_k_top_p in (False, True):
+                self._executables(shape, use_top_k_top_p)
+
+    def _shape(self, is_prefill: bool, num_tokens: int, num_seqs: int) -> StepShape:
+        if is_prefill:
+            t = pick(self.prefill_buckets, num_tokens)
+            return StepShape(True, t, min(t, self.config.max_num_seqs), self.width)
+        b = pick(self.decode_buckets, num_seqs)
+        return StepShape(False, b, b, self.width)
+
+    def _executables(self, shape: StepShape, use_top_k_top_p: bool):
+        """The compiled model step of a bucket and its sampler; each compiled once, on first need.
+
+        NOTE: the hot loop calls these executables directly, so a step can never trigger a compile
+        behind our back: `self.compiled` holds every program this runner has built.
+        """
+        ints = jax.ShapeDtypeStruct((sum(shape.layout().values()),), jnp.int32)
+        if shape not in self.compiled:
+            self.compiled[shape] = self._model_step.lower(self.state, self.kv_caches, ints, shape).compile()
+        key = (shape.seqs, ints.shape, use_top_k_top_p)
+        if key not in self.compiled:
+            floats = jax.ShapeDtypeStruct((2 * shape.seqs,), jnp.float32)
+            logits = jax.ShapeDtypeStruct((shape.seqs, self.shard_args.vocab_size * self.mesh.size), jnp.float32)
+            self.compiled[key] = self._sample.lower(logits, ints, floats, use_top_k_top_p).compile()
+        return self.compiled[shape], self.compiled[key]
+
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        """One step for the scheduled sequences; returns one sampled token id per sequence."""
+        n = len(seqs)
+        bs = self.block_size
+        if is_prefill:
+            counts = [s.num_scheduled_tokens for s in seqs]
+            shape = self._shape(True, sum(counts), n)
+        else:
+            counts = [1] * n
+            shape = self._shape(False, n, n)
+        T, B = shape.tokens, shape.seqs
+        x = {name: np.zeros(size, np.int32) for name, size in shape.layout().items()}
+        x["slot_mapping"][:] = -1
+        tables = x["block_tables"].reshape(B, shape.width)
+        at = 0
+        for i, (seq, count) in enumerate(zip(seqs, counts)):
+            start = seq.num_cached_tokens if is_prefill else seq.num_tokens - 1
+            pos = np.arange(start, start + count)
+            table = np.asarray(seq.block_table, np.int32)
+            x["input_ids"][at:at + count] = seq.token_ids[start:start + count]
+            x["positions"][at:at + count] = pos
+            x["slot_mapping"][at:at + count] = table[pos // bs] * bs + pos % bs
+            tables[i, : len(table)] = table
+            x["context_lens"][i] = start + count
+            at += count
+            x["cu_q_lens"][i + 1] = at
+            x["logits_idx"][i] = at - 1
+            x["top_ks"][i] = seq.top_k if seq.top_k > 0 else self.vocab_size
+        x["cu_q_lens"][n + 1:] = at  # padded sequences add no tokens
+        x["step"][0] = self.step_count
+        self.step_count += 1
+        floats = np.ones(2 * B, np.float32)  # temperatures, then top_ps; padded rows: greedy is fine too
+        floats[:n] = [s.temperature for s in seqs]
+        floats[B:B + n] = [s.top_p for s in seqs]
+        use_top_k_top_p = any(s.top_k > 0 or s.top_p < 1.0 for s in seqs)
+        step, sampler = self._executables(shape, use_top_k_top_p)
+        ints, floats = jax.device_put((np.concatenate(list(x.values())), floats))
+        logits, self.kv_caches = step(self.state, self.kv_caches, ints)  # caches donated, rebound
+        tokens = sampler(logits, ints, floats)
+        return np.asarray(tokens)[:n].tolist()  # the step's one host read

@@ -1,0 +1,179 @@
+"""The LLM engine end to end on CPU (tiny checkpoints, jnp reference kernels) against HF `generate`."""
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nanovllm_jax import LLM, SamplingParams
+
+SMALL = dict(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoint):
+    return checkpoint("tiny")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    return LLM(tiny, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny):
+    return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+
+
+def hf_greedy(hf, ids, max_new_tokens):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    out = out[0, len(ids):].tolist()
+    eos = set(hf.generation_config.eos_token_id)
+    for i, t in enumerate(out):  # HF pads finished rows; keep up to and including the first EOS
+        if t in eos:
+            return out[: i + 1]
+    return out
+
+
+def prompts_of(lengths, vocab=1000, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def test_greedy_matches_hf_mixed_lengths(llm, hf):
+    # 300 and 600 tokens span two and three 256-token blocks; 600 > max_num_batched_tokens is chunked.
+    prompts = prompts_of([5, 300, 77, 600])
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out["token_ids"] == hf_greedy(hf, prompt, 24)
+
+
+def test_string_prompts_and_text(llm, hf, tiny):
+    tok = AutoTokenizer.from_pretrained(tiny)
+    prompts = ["Hello, how are you?", "What is machine learning?"]
+    outs = llm.generate(prompts, [GREEDY, SamplingParams(temperature=0.0, max_tokens=7)], use_tqdm=False)
+    assert [len(o["token_ids"]) for o in outs] == [24, 7] or any(t in llm.eos_ids for o in outs for t in o["token_ids"])
+    for prompt, out, n in zip(prompts, outs, [24, 7]):
+        assert out["token_ids"] == hf_greedy(hf, tok.encode(prompt), n)
+        assert out["text"] == tok.decode(out["token_ids"], skip_special_tokens=True)
+
+
+def test_prefix_cache_hits_count_fewer_prefill_tokens(llm):
+    prompt = prompts_of([700], seed=5)[0]
+    sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    def run():
+        llm.add_request(prompt, sp)
+        prefill, outs = 0, []
+        while not llm.is_finished():
+            out, n = llm.step()
+            prefill += max(n, 0)
+            outs += out
+        return prefill, outs[0][1]
+
+    first, toks1 = run()
+    second, toks2 = run()
+    assert first == 700
+    assert second == 700 - 512  # two full 256-token blocks hit the cache
+    assert toks1 == toks2
+
+
+def test_step_contract(llm):
+    prompts = prompts_of([10, 20], seed=7)
+    ids = [llm.add_request(p, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)) for p in prompts]
+    out, n = llm.step()
+    assert (out, n) == ([], 30)  # one prefill step of both prompts
+    finished = {}
+    counts = []
+    while not llm.is_finished():
+        out, n = llm.step()
+        counts.append(n)
+        finished.update(out)
+    assert counts == [-2, -2]  # two decode steps of two sequences
+    assert sorted(finished) == sorted(ids) and all(len(t) == 3 for t in finished.values())
+    assert llm.step() == ([], 0)
+
+
+def test_preemption_under_tiny_cache(tiny, hf):
+    # 3 blocks of 256 tokens; 3 prompts of 200 tokens growing past 256 need 6: preemption and recompute.
+    llm = LLM(tiny, max_num_seqs=4, max_num_batched_tokens=512, max_model_len=512, num_kvcache_blocks=3,
+              enforce_eager=True)
+    prompts = prompts_of([200, 210, 220], seed=9)
+    sp = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    assert [len(o["token_ids"]) for o in outs] == [80, 80, 80]
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=80, min_new_tokens=80, do_sample=False)
+        assert out["token_ids"] == ref[0, len(prompt):].tolist()
+
+
+def test_max_model_len_ends_sequences(llm):
+    outs = llm.generate(prompts_of([1020], seed=3), SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True),
+                        use_tqdm=False)
+    assert len(outs[0]["token_ids"]) == 4  # 1020 + 4 == max_model_len
+
+
+def test_sampling_is_reproducible_with_seed(tiny):
+    prompts = prompts_of([8, 9], seed=11)
+    sp = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, max_tokens=12, ignore_eos=True)
+    a = LLM(tiny, enforce_eager=True, seed=123, **SMALL).generate(prompts, sp, use_tqdm=False)
+    b = LLM(tiny, enforce_eager=True, seed=123, **SMALL).generate(prompts, sp, use_tqdm=False)
+    assert [o["token_ids"] for o in a] == [o["token_ids"] for o in b]
+
+
+def test_bad_inputs_raise_and_engine_stays_usable(llm):
+    sp = SamplingParams(temperature=0.0, max_tokens=2)
+    cases = [
+        (lambda: llm.generate([[]], sp), ValueError, "empty prompt"),
+        (lambda: llm.generate([""], sp), ValueError, "empty prompt"),
+        (lambda: llm.generate([[1, 1000]], sp), ValueError, r"token ids must be in \[0, 1000\)"),
+        (lambda: llm.generate([[-1]], sp), ValueError, "token ids must be in"),
+        (lambda: llm.generate([[1] * 1025], sp), ValueError, "longer than max_model_len=1024"),
+        (lambda: llm.generate(["a", "b"], [sp]), ValueError, "1 sampling_params for 2 prompts"),
+        (lambda: llm.generate("hello", sp), TypeError, "prompts must be a list"),
+        (lambda: llm.generate([1.5], sp), TypeError, "a prompt must be a str or a list of int"),
+        (lambda: llm.generate(["a"], {"temperature": 0}), TypeError, "must be a SamplingParams"),
+        (lambda: llm.add_request([1, 2, 3.0], sp), TypeError, "a prompt must be a str or a list of int"),
+        # A good prompt before a bad one: nothing may be queued when the call fails.
+        (lambda: llm.generate([[1, 2], [5000]], sp), ValueError, "token ids must be in"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+        assert llm.is_finished()
+    assert len(llm.generate([[1, 2, 3]], sp, use_tqdm=False)[0]["token_ids"]) == 2
+
+
+def test_constructor_errors(tiny, tmp_path):
+    with pytest.raises(TypeError):
+        LLM(tiny, max_num_seq=4)  # misspelt keyword
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(str(tmp_path / "missing"))
+    (tmp_path / "config.json").write_text(open(f"{tiny}/config.json").read())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_text(open(f"{tiny}/{name}").read())
+    with pytest.raises(ValueError, match="no \\*.safetensors weights"):
+        LLM(str(tmp_path), **SMALL)
+    with pytest.raises(ValueError, match="one sequence of max_model_len=1024 needs 4"):
+        LLM(tiny, num_kvcache_blocks=2, enforce_eager=True, **SMALL)
+
+
+def test_no_compiles_in_steady_state(llm, caplog):
+    llm.generate(prompts_of([3, 40, 90]), GREEDY, use_tqdm=False)  # every program this workload needs
+    programs = len(llm.model_runner.compiled)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            llm.generate(prompts_of([4, 41, 91], seed=1), GREEDY, use_tqdm=False)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiles == []
+    assert len(llm.model_runner.compiled) == programs
