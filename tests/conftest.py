@@ -2,10 +2,14 @@
 
 import os
 
-import jax
-import pytest
+# Four fake CPU devices for the tensor-parallel tests (must be set before JAX starts its CPU backend).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 
-from nanovllm_jax.utils.checkpoint import make_checkpoint
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from nanovllm_jax.utils.checkpoint import make_checkpoint  # noqa: E402
 
 # Tests reuse compiled programs across runs (CI and local) through JAX's persistent cache.
 jax.config.update("jax_compilation_cache_dir", os.environ.get("NANOVLLM_JAX_CACHE", os.path.expanduser("~/.cache/nanovllm_jax/xla")))

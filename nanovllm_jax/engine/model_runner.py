@@ -93,6 +93,7 @@ class ModelRunner:
         self.block_size = config.kvcache_block_size
         self.width = math.ceil(config.max_model_len / self.block_size)
         self.mesh = make_mesh(config.tensor_parallel_size)
+        self.replicated = NamedSharding(self.mesh, P())  # step inputs and sampled ids live on every device
         self.graphdef, self.state, self.args, self.shard_args, self.state_specs = load_model(
             config.model, config.hf_config, self.mesh)
         self.vocab_size = self.args.vocab_size
@@ -212,27 +213,24 @@ class ModelRunner:
         NOTE: the hot loop calls these executables directly, so a step can never trigger a compile
         behind our back: `self.compiled` holds every program this runner has built.
         """
-        ints = jax.ShapeDtypeStruct((sum(shape.layout().values()),), jnp.int32)
+        rep = self.replicated
+        ints = jax.ShapeDtypeStruct((sum(shape.layout().values()),), jnp.int32, sharding=rep)
         if shape not in self.compiled:
             self.compiled[shape] = self._model_step.lower(self.state, self.kv_caches, ints, shape).compile()
         key = (shape.seqs, ints.shape, use_top_k_top_p)
         if key not in self.compiled:
-            floats = jax.ShapeDtypeStruct((2 * shape.seqs,), jnp.float32)
-            logits = jax.ShapeDtypeStruct((shape.seqs, self.shard_args.vocab_size * self.mesh.size), jnp.float32)
+            floats = jax.ShapeDtypeStruct((2 * shape.seqs,), jnp.float32, sharding=rep)
+            vocab = self.shard_args.vocab_size * self.mesh.size
+            logits = jax.ShapeDtypeStruct((shape.seqs, vocab), jnp.float32, sharding=rep)
             self.compiled[key] = self._sample.lower(logits, ints, floats, use_top_k_top_p).compile()
         return self.compiled[shape], self.compiled[key]
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """One step for the scheduled sequences; returns one sampled token id per sequence."""
-        n = len(seqs)
-        bs = self.block_size
-        if is_prefill:
-            counts = [s.num_scheduled_tokens for s in seqs]
-            shape = self._shape(True, sum(counts), n)
-        else:
-            counts = [1] * n
-            shape = self._shape(False, n, n)
-        T, B = shape.tokens, shape.seqs
+    def prepare(self, seqs: list[Sequence], is_prefill: bool):
+        """Host side of a step: (shape, packed int32 inputs, float32 inputs, use_top_k_top_p)."""
+        n, bs = len(seqs), self.block_size
+        counts = [s.num_scheduled_tokens for s in seqs] if is_prefill else [1] * n
+        shape = self._shape(is_prefill, sum(counts), n)
+        B = shape.seqs
         x = {name: np.zeros(size, np.int32) for name, size in shape.layout().items()}
         x["slot_mapping"][:] = -1
         tables = x["block_tables"].reshape(B, shape.width)
@@ -253,12 +251,17 @@ class ModelRunner:
         x["cu_q_lens"][n + 1:] = at  # padded sequences add no tokens
         x["step"][0] = self.step_count
         self.step_count += 1
-        floats = np.ones(2 * B, np.float32)  # temperatures, then top_ps; padded rows: greedy is fine too
+        floats = np.ones(2 * B, np.float32)  # temperatures, then top_ps
         floats[:n] = [s.temperature for s in seqs]
         floats[B:B + n] = [s.top_p for s in seqs]
         use_top_k_top_p = any(s.top_k > 0 or s.top_p < 1.0 for s in seqs)
+        return shape, np.concatenate(list(x.values())), floats, use_top_k_top_p
+
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        """One step for the scheduled sequences; returns one sampled token id per sequence."""
+        shape, ints, floats, use_top_k_top_p = self.prepare(seqs, is_prefill)
         step, sampler = self._executables(shape, use_top_k_top_p)
-        ints, floats = jax.device_put((np.concatenate(list(x.values())), floats))
+        ints, floats = jax.device_put((ints, floats), self.replicated)
         logits, self.kv_caches = step(self.state, self.kv_caches, ints)  # caches donated, rebound
         tokens = sampler(logits, ints, floats)
-        return np.asarray(tokens)[:n].tolist()  # the step's one host read
+        return np.asarray(tokens)[: len(seqs)].tolist()  # the step's one host read
