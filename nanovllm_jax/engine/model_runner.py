@@ -230,32 +230,34 @@ class ModelRunner:
         n, bs = len(seqs), self.block_size
         counts = [s.num_scheduled_tokens for s in seqs] if is_prefill else [1] * n
         shape = self._shape(is_prefill, sum(counts), n)
-        B = shape.seqs
-        x = {name: np.zeros(size, np.int32) for name, size in shape.layout().items()}
-        x["slot_mapping"][:] = -1
-        tables = x["block_tables"].reshape(B, shape.width)
-        at = 0
-        for i, (seq, count) in enumerate(zip(seqs, counts)):
-            start = seq.num_cached_tokens if is_prefill else seq.num_tokens - 1
-            pos = np.arange(start, start + count)
-            table = np.asarray(seq.block_table, np.int32)
-            x["input_ids"][at:at + count] = seq.token_ids[start:start + count]
-            x["positions"][at:at + count] = pos
-            x["slot_mapping"][at:at + count] = table[pos // bs] * bs + pos % bs
-            tables[i, : len(table)] = table
-            x["context_lens"][i] = start + count
-            at += count
-            x["cu_q_lens"][i + 1] = at
-            x["logits_idx"][i] = at - 1
-            x["top_ks"][i] = seq.top_k if seq.top_k > 0 else self.vocab_size
-        x["cu_q_lens"][n + 1:] = at  # padded sequences add no tokens
-        x["step"][0] = self.step_count
+        T, B, W = shape.tokens, shape.seqs, shape.width
+        starts = [s.num_cached_tokens for s in seqs] if is_prefill else [s.num_tokens - 1 for s in seqs]
+        if is_prefill:
+            ids = [t for s, a, c in zip(seqs, starts, counts) for t in s.token_ids[a:a + c]]
+            positions = [p for a, c in zip(starts, counts) for p in range(a, a + c)]
+            owner = [i for i, c in enumerate(counts) for _ in range(c)]
+        else:
+            ids, positions, owner = [s.last_token for s in seqs], starts, range(n)
+        slots = [seqs[i].block_table[p // bs] * bs + p % bs for i, p in zip(owner, positions)]
+        ends = np.cumsum(counts, dtype=np.int32)
+        pad_t, pad_b = [0] * (T - len(ids)), [0] * (B - n)
+        x = dict(
+            input_ids=ids + pad_t,
+            positions=positions + pad_t,
+            slot_mapping=slots + [-1] * (T - len(ids)),  # padded tokens write nowhere
+            block_tables=[t for s in seqs for t in s.block_table + [0] * (W - len(s.block_table))] + [0] * (W * (B - n)),
+            context_lens=[a + c for a, c in zip(starts, counts)] + pad_b,  # padded sequences read nothing
+            cu_q_lens=[0, *ends.tolist()] + [int(ends[-1])] * (B - n),
+            logits_idx=(ends - 1).tolist() + pad_b,
+            top_ks=[s.top_k if s.top_k > 0 else self.vocab_size for s in seqs] + pad_b,
+            step=[self.step_count],
+        )
         self.step_count += 1
-        floats = np.ones(2 * B, np.float32)  # temperatures, then top_ps
-        floats[:n] = [s.temperature for s in seqs]
-        floats[B:B + n] = [s.top_p for s in seqs]
+        ints = np.fromiter((v for name in shape.layout() for v in x[name]), np.int32, sum(shape.layout().values()))
+        floats = np.array([s.temperature for s in seqs] + [1.0] * (B - n) + [s.top_p for s in seqs] + [1.0] * (B - n),
+                          np.float32)  # temperatures, then top_ps
         use_top_k_top_p = any(s.top_k > 0 or s.top_p < 1.0 for s in seqs)
-        return shape, np.concatenate(list(x.values())), floats, use_top_k_top_p
+        return shape, ints, floats, use_top_k_top_p
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """One step for the scheduled sequences; returns one sampled token id per sequence."""
