@@ -1,0 +1,300 @@
+"""Scheduler on CPU with toy configs (block size 256): exact batches, chunks, block tables and stops,
+plus a randomized run against a fake model that checks every KV read against a fake paged cache."""
+
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from nanovllm_jax.config import Config
+from nanovllm_jax.engine.scheduler import Scheduler
+from nanovllm_jax.engine.sequence import Sequence, SequenceStatus
+from nanovllm_jax.sampling_params import SamplingParams
+
+BS = 256
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3")
+    hf_config = {
+        "model_type": "qwen3", "max_position_embeddings": 1024, "vocab_size": VOCAB, "hidden_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+        "intermediate_size": 32,
+    }
+    (path / "config.json").write_text(json.dumps(hf_config))
+    return str(path)
+
+
+@pytest.fixture
+def make(model_dir):
+    def make(num_blocks: int, eos_ids: set[int] = frozenset(), **config) -> Scheduler:
+        return Scheduler(Config(model_dir, **config), set(eos_ids), num_blocks)
+
+    return make
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    return random.Random(seed).choices(range(2, VOCAB), k=n)
+
+
+def seq(token_ids: list[int], **sampling) -> Sequence:
+    return Sequence(token_ids, SamplingParams(**sampling), BS)
+
+
+def step(sched: Scheduler, sampled: int | list[int] = 9) -> tuple[list[Sequence], bool, list[int]]:
+    """schedule + postprocess; returns the batch, its kind and each sequence's num_scheduled_tokens."""
+    seqs, is_prefill = sched.schedule()
+    counts = [s.num_scheduled_tokens for s in seqs]
+    sched.postprocess(seqs, sampled if isinstance(sampled, list) else [sampled] * len(seqs))
+    return seqs, is_prefill, counts
+
+
+def test_chunked_prefill_of_a_long_prompt(make):
+    sched = make(8, max_num_batched_tokens=300)
+    a, b = seq(tokens(700, 0)), seq(tokens(100, 1))
+    sched.add(a)
+    sched.add(b)
+    assert step(sched) == ([a], True, [300])
+    assert a.block_table == [0, 1, 2] and a.num_cached_tokens == 300 and a.num_tokens == 700  # sample dropped
+    assert list(sched.waiting) == [a, b] and a.status == SequenceStatus.WAITING
+    assert list(sched.block_manager.hash_to_block_id.values()) == [0]  # only the computed full block
+    assert step(sched) == ([a], True, [300])
+    assert a.num_cached_tokens == 600 and list(sched.block_manager.hash_to_block_id.values()) == [0, 1]
+    assert step(sched, [5, 6]) == ([a, b], True, [100, 100])
+    assert b.block_table == [3] and list(sched.running) == [a, b] and not sched.waiting
+    assert (a.num_tokens, a.num_cached_tokens, a.last_token) == (701, 700, 5)
+    assert (b.num_tokens, b.num_cached_tokens, b.last_token) == (101, 100, 6)
+    assert step(sched, [7, 8]) == ([a, b], False, [1, 1])
+    assert a.num_cached_tokens == 701 and (a.completion_token_ids, b.completion_token_ids) == ([5, 7], [6, 8])
+
+
+def test_a_later_sequence_is_chunked_and_continued_before_new_admissions(make):
+    sched = make(8, max_num_batched_tokens=300)
+    a, b, c = seq(tokens(200, 0)), seq(tokens(700, 1)), seq(tokens(50, 2))
+    for s in (a, b, c):
+        sched.add(s)
+    assert step(sched) == ([a, b], True, [200, 100])
+    assert list(sched.running) == [a] and list(sched.waiting) == [b, c]
+    assert step(sched) == ([b], True, [300])
+    assert step(sched) == ([b], True, [300])  # exactly the rest: no budget left for c
+    assert list(sched.running) == [a, b] and list(sched.waiting) == [c] and b.num_tokens == 701
+    assert step(sched) == ([c], True, [50])
+    assert step(sched) == ([a, b, c], False, [1, 1, 1])
+
+
+def test_prefix_hits_do_not_count_against_the_token_budget(make):
+    sched = make(8, max_num_batched_tokens=300)
+    a = seq(tokens(600, 0))
+    sched.add(a)
+    step(sched)
+    step(sched)
+    b, c = seq(a.prompt_token_ids + tokens(50, 1)), seq(tokens(200, 2))
+    sched.add(b)
+    sched.add(c)
+    assert step(sched) == ([b, c], True, [138, 162])  # b: 650 tokens, 512 cached; c gets the rest
+    assert b.block_table == [0, 1, 3] and a.block_table == [0, 1, 2]
+    assert [blk.ref_count for blk in sched.block_manager.blocks[:5]] == [2, 2, 1, 1, 1]
+
+
+def test_max_num_seqs(make):
+    sched = make(8, max_num_seqs=2)
+    s0, s1, s2 = (seq(tokens(10, i), max_tokens=2) for i in range(3))
+    for s in (s0, s1, s2):
+        sched.add(s)
+    assert step(sched) == ([s0, s1], True, [10, 10])
+    assert step(sched) == ([s0, s1], False, [1, 1])  # running is full: s2 waits
+    assert s0.is_finished and s1.is_finished and not sched.running
+    assert step(sched) == ([s2], True, [10])
+
+
+def test_identical_prompts_in_the_same_step(make):
+    sched = make(8)
+    prompt = tokens(600, 0)
+    a, b = seq(prompt), seq(prompt)
+    sched.add(a)
+    sched.add(b)
+    assert step(sched) == ([a, b], True, [600, 600])  # b cannot hit a's blocks: not computed yet
+    assert a.block_table == [0, 1, 2] and b.block_table == [3, 4, 5]
+    bm = sched.block_manager
+    assert bm.blocks[0].hash == bm.blocks[3].hash and bm.blocks[1].hash == bm.blocks[4].hash
+    assert sorted(bm.hash_to_block_id.values()) == [3, 4]  # the latest registration wins
+    c = seq(prompt)
+    sched.add(c)
+    assert step(sched) == ([c], True, [88])
+    assert c.block_table == [3, 4, 6] and c.num_cached_tokens == 600
+
+
+def test_identical_prompt_does_not_hit_a_chunk_still_being_computed(make):
+    sched = make(8, max_num_batched_tokens=400)
+    prompt = tokens(600, 0)
+    a, b = seq(prompt), seq(prompt)
+    sched.add(a)
+    sched.add(b)
+    assert step(sched) == ([a], True, [400])  # computes block 0 and half of block 1
+    assert step(sched) == ([a, b], True, [200, 200])
+    # b shares a's computed block 0 only: a's block 1 gets its last tokens in this same step.
+    assert b.block_table == [0, 3, 4] and a.block_table == [0, 1, 2]
+    assert b.num_cached_tokens == 456
+    assert step(sched) == ([b], True, [144])
+    assert b.num_tokens == 601 and b.num_cached_tokens == 600
+
+
+def test_preemption_order_and_readmission_on_own_prefix(make):
+    sched = make(3, max_model_len=512)
+    s0 = seq(tokens(256, 0), max_tokens=2)
+    s1, s2 = seq(tokens(256, 1)), seq(tokens(256, 2))
+    for s in (s0, s1, s2):
+        sched.add(s)
+    assert step(sched, [1, 2, 3]) == ([s0, s1, s2], True, [256, 256, 256])
+    assert [s.block_table for s in (s0, s1, s2)] == [[0], [1], [2]]
+    bm = sched.block_manager
+    # Each needs a second block for its 257th token; none is free. s0 evicts the newest (s2), then
+    # s1 finds nothing left to preempt but itself. Both return to the front of the queue, in order.
+    seqs, is_prefill = sched.schedule()
+    assert (seqs, is_prefill) == ([s0], False)
+    assert s0.block_table == [0, 2] and list(sched.running) == [s0] and list(sched.waiting) == [s1, s2]
+    assert all(s.status == SequenceStatus.WAITING and s.block_table == [] for s in (s1, s2))
+    assert (s1.num_cached_tokens, s1.num_tokens, s1.completion_token_ids) == (0, 257, [2])
+    assert list(bm.free_block_ids) == [1]
+    sched.postprocess(seqs, [7])
+    assert s0.is_finished and s0.completion_token_ids == [1, 7] and list(bm.free_block_ids) == [1, 2, 0]
+    # s1 hits its own freed block 1; s2's block was reused by s0, so s2 (2 blocks) does not fit.
+    assert step(sched, [8]) == ([s1], True, [1])
+    assert s1.block_table == [1, 2] and s1.completion_token_ids == [2, 8] and list(sched.waiting) == [s2]
+    assert step(sched) == ([s1], False, [1])
+
+
+def test_stop_conditions(make):
+    sched = make(8, eos_ids={5, 7}, max_model_len=512)
+    a = seq(tokens(3, 0), max_tokens=10)
+    b = seq(tokens(3, 1), max_tokens=3, ignore_eos=True)
+    c = seq(tokens(510, 2), max_tokens=100)
+    d = seq(tokens(512, 3), max_tokens=100)  # a prompt of max_model_len tokens still gets one token
+    e = seq(tokens(3, 4), max_tokens=10)
+    streams = {a: [3, 7], b: [7, 7, 5], c: [3, 3], d: [3], e: [5]}
+    for s in streams:
+        sched.add(s)
+    finished = []
+    while not sched.is_finished():
+        seqs, _ = sched.schedule()
+        sched.postprocess(seqs, [streams[s][s.num_completion_tokens] for s in seqs])
+        finished += [s for s in seqs if s.is_finished]
+    assert finished == [d, e, a, c, b]
+    assert {s: s.completion_token_ids for s in streams} == streams
+    assert c.num_tokens == 512 and d.num_tokens == 513
+    assert all(s.block_table == [] for s in streams) and sched.block_manager.num_free_blocks == 8
+
+
+def test_cache_capacity(make):
+    with pytest.raises(ValueError, match="fewer than one"):
+        make(1, max_model_len=257)
+
+
+def fake_token(key: int, position: int) -> int:
+    return (key * 1_000_003 + position * 7_919) * 2_654_435_761 % 2**32 % 40
+
+
+class FakeModel:
+    """Writes a fingerprint of each token's whole prefix into its paged slot, then checks every slot a
+    sequence attends to; returns a deterministic token per (request, position) so recomputation after
+    preemption must reproduce the same completion."""
+
+    def __init__(self, num_blocks: int, keys: dict[int, int]):
+        self.cache = np.full(num_blocks * BS, -1, np.int64)
+        self.keys = keys
+        self.fingerprints: dict[int, list[int]] = {}
+
+    def prefix_fingerprints(self, s: Sequence) -> np.ndarray:
+        fp = self.fingerprints.setdefault(s.seq_id, [])
+        for t in s.token_ids[len(fp) :]:
+            fp.append(hash((fp[-1] if fp else 0, t)) & (2**62 - 1))
+        return np.asarray(fp[: s.num_tokens])
+
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        def slots(s: Sequence, stop: int) -> np.ndarray:
+            positions = np.arange(stop)
+            return np.asarray(s.block_table)[positions // BS] * BS + positions % BS
+
+        for s in seqs:  # all writes of the step first, as in a layer of the real model
+            start, count = s.num_cached_tokens, s.num_scheduled_tokens
+            assert count >= 1 and len(s.block_table) * BS >= start + count
+            if not is_prefill:
+                assert count == 1 and start == s.num_tokens - 1
+            self.cache[slots(s, start + count)[start:]] = self.prefix_fingerprints(s)[start : start + count]
+        for s in seqs:
+            stop = s.num_cached_tokens + s.num_scheduled_tokens
+            np.testing.assert_array_equal(self.cache[slots(s, stop)], self.prefix_fingerprints(s)[:stop])
+        # A prefill chunk short of the last token samples garbage, which must be ignored.
+        return [
+            fake_token(self.keys[s.seq_id], s.num_tokens)
+            if s.num_cached_tokens + s.num_scheduled_tokens == s.num_tokens else 10**9
+            for s in seqs
+        ]
+
+
+def check_invariants(sched: Scheduler):
+    bm = sched.block_manager
+    holders = list(sched.running) + [s for s in sched.waiting if s.block_table]
+    assert all(s is sched.waiting[0] for s in holders if s.status == SequenceStatus.WAITING)
+    held = Counter(b for s in holders for b in s.block_table)
+    assert [blk.ref_count for blk in bm.blocks] == [held[i] for i in range(len(bm.blocks))]
+    free = list(bm.free_block_ids)
+    assert set(held) == bm.used_block_ids and not bm.used_block_ids & set(free)
+    assert sorted(free + list(bm.used_block_ids)) == list(range(len(bm.blocks)))
+    assert all(bm.blocks[b].hash == h for h, b in bm.hash_to_block_id.items())
+    assert len(sched.running) <= sched.max_num_seqs
+    for s in sched.running:
+        assert s.status == SequenceStatus.RUNNING and s.num_cached_tokens == s.num_tokens - 1
+        assert len(s.block_table) == (s.num_cached_tokens + BS - 1) // BS
+    for s in sched.waiting:
+        assert s.num_cached_tokens == 0 or s.block_table
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_randomized_run_finishes_every_request_exactly_once(make, trial):
+    rng = random.Random(trial)
+    max_model_len = 1024
+    num_blocks = rng.randint(max_model_len // BS, 8)
+    eos_ids = {0, 1}
+    sched = make(
+        num_blocks, eos_ids, max_model_len=max_model_len, max_num_seqs=rng.randint(1, 16),
+        max_num_batched_tokens=rng.choice([17, 100, 256, 700, 4096]),
+    )
+    shared = [tokens(rng.choice([256, 300, 600]), 100 * trial + i) for i in range(3)]
+    requests, expected, keys = [], {}, {}
+    for i in range(rng.randint(10, 25)):
+        prompt = rng.choice(shared)[: rng.randint(1, 600)] + tokens(rng.randint(0, 200), 1000 * trial + i)
+        s = seq(prompt, max_tokens=rng.randint(1, 400), ignore_eos=rng.random() < 0.6)
+        keys[s.seq_id] = key = 1000 * trial + i
+        completion = []
+        while True:
+            completion.append(t := fake_token(key, s.num_prompt_tokens + len(completion)))
+            if ((not s.ignore_eos and t in eos_ids) or len(completion) == s.max_tokens
+                    or s.num_prompt_tokens + len(completion) >= max_model_len):
+                break
+        expected[s.seq_id] = completion
+        requests.append(s)
+    model, done = FakeModel(num_blocks, keys), {}
+    for num_steps in range(10_000):
+        if requests and (not num_steps or rng.random() < 0.3):  # some requests arrive mid-run
+            sched.add(requests.pop(0))
+        if sched.is_finished():
+            if not requests:
+                break
+            continue
+        seqs, is_prefill = sched.schedule()
+        assert len(set(seqs)) == len(seqs) <= sched.max_num_seqs
+        if is_prefill:
+            assert sum(s.num_scheduled_tokens for s in seqs) <= sched.max_num_batched_tokens
+        sched.postprocess(seqs, model.run(seqs, is_prefill))
+        for s in seqs:
+            if s.is_finished:
+                assert s.seq_id not in done
+                done[s.seq_id] = s.completion_token_ids
+        check_invariants(sched)
+    assert done == expected
+    assert sched.block_manager.num_free_blocks == num_blocks
