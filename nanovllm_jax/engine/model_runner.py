@@ -11,6 +11,7 @@ store is in place. Under tensor parallelism the model step runs per device insid
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -193,12 +194,21 @@ class ModelRunner:
     # ---- host side -----------------------------------------------------------------------------------
 
     def precompile(self):
-        """Compile every decode batch bucket and prefill token bucket, and both sampler variants of each."""
+        """Compile every decode batch bucket and prefill token bucket, and both sampler variants of each.
+
+        Tracing and lowering run here one program at a time (Python); XLA's compilations, which release
+        the GIL, run in a thread pool, so start-up takes about the longest compile rather than the sum.
+        """
         shapes = [self._shape(False, b, b) for b in self.decode_buckets]
         shapes += [self._shape(True, t, t) for t in self.prefill_buckets]
+        lowered = {}
         for shape in shapes:
             for use_top_k_top_p in (False, True):
-                self._executables(shape, use_top_k_top_p)
+                for key, program in self._lower(shape, use_top_k_top_p).items():
+                    lowered.setdefault(key, program)
+        with ThreadPoolExecutor(max_workers=min(len(lowered), os.cpu_count() or 1)) as pool:
+            compiled = dict(zip(lowered, pool.map(lambda program: program.compile(), lowered.values())))
+        self.compiled.update(compiled)
 
     def _shape(self, is_prefill: bool, num_tokens: int, num_seqs: int) -> StepShape:
         if is_prefill:
@@ -207,23 +217,30 @@ class ModelRunner:
         b = pick(self.decode_buckets, num_seqs)
         return StepShape(False, b, b, self.width)
 
-    def _executables(self, shape: StepShape, use_top_k_top_p: bool):
-        """The compiled model step of a bucket and its sampler; each compiled once, on first need.
-
-        NOTE: the hot loop calls these executables directly, so a step can never trigger a compile
-        behind our back: `self.compiled` holds every program this runner has built.
-        """
+    def _lower(self, shape: StepShape, use_top_k_top_p: bool) -> dict:
+        """The not yet compiled programs of a step: {key: lowered} for the model step and the sampler."""
         rep = self.replicated
         ints = jax.ShapeDtypeStruct((sum(shape.layout().values()),), jnp.int32, sharding=rep)
+        out = {}
         if shape not in self.compiled:
-            self.compiled[shape] = self._model_step.lower(self.state, self.kv_caches, ints, shape).compile()
-        key = (shape.seqs, ints.shape, use_top_k_top_p)
+            out[shape] = self._model_step.lower(self.state, self.kv_caches, ints, shape)
+        key = (shape.seqs, ints.shape[0], use_top_k_top_p)
         if key not in self.compiled:
             floats = jax.ShapeDtypeStruct((2 * shape.seqs,), jnp.float32, sharding=rep)
             vocab = self.shard_args.vocab_size * self.mesh.size
             logits = jax.ShapeDtypeStruct((shape.seqs, vocab), jnp.float32, sharding=rep)
-            self.compiled[key] = self._sample.lower(logits, ints, floats, use_top_k_top_p).compile()
-        return self.compiled[shape], self.compiled[key]
+            out[key] = self._sample.lower(logits, ints, floats, use_top_k_top_p)
+        return out
+
+    def _executables(self, shape: StepShape, use_top_k_top_p: bool):
+        """The compiled model step of a bucket and its sampler; compiled here on first need (eager mode).
+
+        NOTE: the hot loop calls these executables directly, so a step can never trigger a compile
+        behind our back: `self.compiled` holds every program this runner has built.
+        """
+        for key, program in self._lower(shape, use_top_k_top_p).items():
+            self.compiled[key] = program.compile()
+        return self.compiled[shape], self.compiled[(shape.seqs, sum(shape.layout().values()), use_top_k_top_p)]
 
     def prepare(self, seqs: list[Sequence], is_prefill: bool):
         """Host side of a step: (shape, packed int32 inputs, float32 inputs, use_top_k_top_p)."""
