@@ -28,8 +28,13 @@ def main():
             make_checkpoint(model, "tiny")
         print(f"model: tiny random Qwen3 checkpoint at {model} (random weights: the text is gibberish)")
     t = time.perf_counter()
-    llm = LLM(model, max_model_len=args.max_model_len, max_num_seqs=16, max_num_batched_tokens=1024,
-              enforce_eager=args.enforce_eager)
+    llm = LLM(
+        model,
+        max_model_len=args.max_model_len,
+        max_num_seqs=16,
+        max_num_batched_tokens=1024,
+        enforce_eager=args.enforce_eager,
+    )
     print(f"start-up: {time.perf_counter() - t:.1f} s")
     prompts = ["Hello, how are you?", "What is machine learning?", "Explain quantum computing in simple terms."]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)

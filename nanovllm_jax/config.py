@@ -49,7 +49,9 @@ class Config:
             raise TypeError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         _check_int("num_kvcache_blocks", self.num_kvcache_blocks, -1)
         if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
-            raise ValueError(f"num_kvcache_blocks must be -1 (size from memory) or positive, got {self.num_kvcache_blocks}")
+            raise ValueError(
+                f"num_kvcache_blocks must be -1 (size from memory) or positive, got {self.num_kvcache_blocks}"
+            )
         _check_int("eos", self.eos, -1)
         # Frozen dataclass: derived fields are set once here, through object.__setattr__.
         object.__setattr__(self, "model", model)

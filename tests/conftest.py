@@ -12,7 +12,9 @@ import pytest  # noqa: E402
 from nanovllm_jax.utils.checkpoint import make_checkpoint  # noqa: E402
 
 # Tests reuse compiled programs across runs (CI and local) through JAX's persistent cache.
-jax.config.update("jax_compilation_cache_dir", os.environ.get("NANOVLLM_JAX_CACHE", os.path.expanduser("~/.cache/nanovllm_jax/xla")))
+jax.config.update(
+    "jax_compilation_cache_dir", os.environ.get("NANOVLLM_JAX_CACHE", os.path.expanduser("~/.cache/nanovllm_jax/xla"))
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

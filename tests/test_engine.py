@@ -31,9 +31,13 @@ def hf(tiny):
 
 def hf_greedy(hf, ids, max_new_tokens):
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    out = out[0, len(ids):].tolist()
+        out = hf.generate(
+            torch.tensor([ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )
+    out = out[0, len(ids) :].tolist()
     eos = set(hf.generation_config.eos_token_id)
     for i, t in enumerate(out):  # HF pads finished rows; keep up to and including the first EOS
         if t in eos:
@@ -102,8 +106,9 @@ def test_step_contract(llm):
 
 def test_preemption_under_tiny_cache(tiny, hf):
     # 3 blocks of 256 tokens; 3 prompts of 200 tokens growing past 256 need 6: preemption and recompute.
-    llm = LLM(tiny, max_num_seqs=4, max_num_batched_tokens=512, max_model_len=512, num_kvcache_blocks=3,
-              enforce_eager=True)
+    llm = LLM(
+        tiny, max_num_seqs=4, max_num_batched_tokens=512, max_model_len=512, num_kvcache_blocks=3, enforce_eager=True
+    )
     prompts = prompts_of([200, 210, 220], seed=9)
     sp = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
     outs = llm.generate(prompts, sp, use_tqdm=False)
@@ -111,12 +116,13 @@ def test_preemption_under_tiny_cache(tiny, hf):
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=80, min_new_tokens=80, do_sample=False)
-        assert out["token_ids"] == ref[0, len(prompt):].tolist()
+        assert out["token_ids"] == ref[0, len(prompt) :].tolist()
 
 
 def test_max_model_len_ends_sequences(llm):
-    outs = llm.generate(prompts_of([1020], seed=3), SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True),
-                        use_tqdm=False)
+    outs = llm.generate(
+        prompts_of([1020], seed=3), SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True), use_tqdm=False
+    )
     assert len(outs[0]["token_ids"]) == 4  # 1020 + 4 == max_model_len
 
 

@@ -89,8 +89,11 @@ def test_loader_names_missing_and_unexpected_tensors(checkpoint, tmp_path):
     tensors = load_file(os.path.join(src, "model.safetensors"))
     tensors["model.layers.0.mlp.extra.weight"] = tensors.pop("model.layers.1.mlp.up_proj.weight")
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\].*"
-                                         r"unexpected tensors \['model.layers.0.mlp.extra.weight'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\].*"
+        r"unexpected tensors \['model.layers.0.mlp.extra.weight'\]",
+    ):
         load_model(str(tmp_path), AutoConfig.from_pretrained(str(tmp_path)), make_mesh(1))
 
 

@@ -56,5 +56,7 @@ def test_weights_and_cache_are_sharded(checkpoint):
 def test_tp_errors_name_the_numbers(checkpoint):
     with pytest.raises(ValueError, match="tensor_parallel_size=8 but only 4 cpu device"):
         LLM(checkpoint("tiny"), tensor_parallel_size=8, **SMALL)
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 does not divide the 4 attention heads; use one of \[1, 2, 4\]"):
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel_size=3 does not divide the 4 attention heads; use one of \[1, 2, 4\]"
+    ):
         LLM(checkpoint("tiny"), tensor_parallel_size=3, **SMALL)

@@ -34,10 +34,15 @@ class LLMEngine:
         seed: int = 0,
     ):
         self.config = Config(
-            model, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
-            kvcache_block_size=kvcache_block_size, num_kvcache_blocks=num_kvcache_blocks,
+            model,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager,
+            kvcache_block_size=kvcache_block_size,
+            num_kvcache_blocks=num_kvcache_blocks,
         )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
@@ -70,7 +75,8 @@ class LLMEngine:
         if len(token_ids) > self.config.max_model_len:
             raise ValueError(
                 f"prompt of {len(token_ids)} tokens is longer than max_model_len={self.config.max_model_len}; "
-                f"shorten it or raise max_model_len (at most the model's {self.config.hf_config.max_position_embeddings})"
+                f"shorten it or raise max_model_len (this model allows up to "
+                f"{self.config.hf_config.max_position_embeddings})"
             )
         return Sequence(token_ids, sampling_params, self.config.kvcache_block_size)
 
@@ -98,13 +104,17 @@ class LLMEngine:
             raise TypeError(f"prompts must be a list of str or of token-id lists, got {type(prompts).__name__}")
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(prompts):
-                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts; "
-                                 "pass one SamplingParams or one per prompt")
+                raise ValueError(
+                    f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts; "
+                    "pass one SamplingParams or one per prompt"
+                )
         else:
             sampling_params = [sampling_params] * len(prompts)
         if not self.is_finished():
-            raise RuntimeError("generate() called while requests queued with add_request() are unfinished; "
-                               "run step() until is_finished() first")
+            raise RuntimeError(
+                "generate() called while requests queued with add_request() are unfinished; "
+                "run step() until is_finished() first"
+            )
         seqs = [self._make_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]  # all checked first
         for seq in seqs:
             self.scheduler.add(seq)

@@ -72,14 +72,23 @@ class StepShape:
     def layout(self):
         T, B, W = self.tokens, self.seqs, self.width
         # Segments of the packed int32 input, in order.
-        return dict(input_ids=T, positions=T, slot_mapping=T, block_tables=B * W, context_lens=B,
-                    cu_q_lens=B + 1, logits_idx=B, top_ks=B, step=1)
+        return dict(
+            input_ids=T,
+            positions=T,
+            slot_mapping=T,
+            block_tables=B * W,
+            context_lens=B,
+            cu_q_lens=B + 1,
+            logits_idx=B,
+            top_ks=B,
+            step=1,
+        )
 
 
 def unpack(buf, shape: StepShape) -> dict:
     out, at = {}, 0
     for name, n in shape.layout().items():
-        out[name] = buf[at:at + n]
+        out[name] = buf[at : at + n]
         at += n
     out["block_tables"] = out["block_tables"].reshape(shape.seqs, shape.width)
     return out
@@ -96,7 +105,8 @@ class ModelRunner:
         self.mesh = make_mesh(config.tensor_parallel_size)
         self.replicated = NamedSharding(self.mesh, P())  # step inputs and sampled ids live on every device
         self.graphdef, self.state, self.args, self.shard_args, self.state_specs = load_model(
-            config.model, config.hf_config, self.mesh)
+            config.model, config.hf_config, self.mesh
+        )
         self.vocab_size = self.args.vocab_size
         self.seed = seed
         self.step_count = 0
@@ -116,8 +126,9 @@ class ModelRunner:
         """Per device: the model on this step's tokens -> (logits [B, V_local] float32, caches)."""
         model = nnx.merge(self.graphdef, state)
         x = unpack(ints, shape)
-        md = AttentionMetadata(x["slot_mapping"], x["block_tables"], x["context_lens"], x["cu_q_lens"],
-                               shape.is_prefill)
+        md = AttentionMetadata(
+            x["slot_mapping"], x["block_tables"], x["context_lens"], x["cu_q_lens"], shape.is_prefill
+        )
         hidden, kv_caches = model(x["input_ids"], x["positions"], kv_caches, md)
         logits = model.compute_logits(hidden[x["logits_idx"]])
         if self.mesh.size > 1:
@@ -140,7 +151,7 @@ class ModelRunner:
         B = floats.shape[0] // 2
         logits = logits[:, : self.vocab_size]  # drop the vocab padding of tensor parallelism
         key = jax.random.fold_in(jax.random.key(self.seed), ints[-1])
-        return sample(logits, floats[:B], ints[-1 - B:-1], floats[B:], key, use_top_k_top_p=use_top_k_top_p)
+        return sample(logits, floats[:B], ints[-1 - B : -1], floats[B:], key, use_top_k_top_p=use_top_k_top_p)
 
     # ---- KV cache ------------------------------------------------------------------------------------
 
@@ -169,10 +180,11 @@ class ModelRunner:
         """Blocks that fit in gpu_memory_utilization of each device's pool after weights and a worst case
         prefill's activations (measured with a warm-up forward on a one-block cache)."""
         one_block = self._allocate_kv_cache(1)
-        shape = StepShape(True, self.prefill_buckets[-1], min(self.prefill_buckets[-1], self.config.max_num_seqs),
-                          self.width)
+        shape = StepShape(
+            True, self.prefill_buckets[-1], min(self.prefill_buckets[-1], self.config.max_num_seqs), self.width
+        )
         ints = np.zeros(sum(shape.layout().values()), np.int32)
-        ints[2 * shape.tokens:3 * shape.tokens] = -1  # write nowhere
+        ints[2 * shape.tokens : 3 * shape.tokens] = -1  # write nowhere
         logits, one_block = self._model_step(self.state, one_block, jnp.asarray(ints), shape)
         logits.block_until_ready()
         del one_block, logits
@@ -250,7 +262,7 @@ class ModelRunner:
         T, B, W = shape.tokens, shape.seqs, shape.width
         starts = [s.num_cached_tokens for s in seqs] if is_prefill else [s.num_tokens - 1 for s in seqs]
         if is_prefill:
-            ids = [t for s, a, c in zip(seqs, starts, counts) for t in s.token_ids[a:a + c]]
+            ids = [t for s, a, c in zip(seqs, starts, counts) for t in s.token_ids[a : a + c]]
             positions = [p for a, c in zip(starts, counts) for p in range(a, a + c)]
             owner = [i for i, c in enumerate(counts) for _ in range(c)]
         else:
@@ -262,7 +274,8 @@ class ModelRunner:
             input_ids=ids + pad_t,
             positions=positions + pad_t,
             slot_mapping=slots + [-1] * (T - len(ids)),  # padded tokens write nowhere
-            block_tables=[t for s in seqs for t in s.block_table + [0] * (W - len(s.block_table))] + [0] * (W * (B - n)),
+            block_tables=[t for s in seqs for t in s.block_table + [0] * (W - len(s.block_table))]
+            + [0] * (W * (B - n)),
             context_lens=[a + c for a, c in zip(starts, counts)] + pad_b,  # padded sequences read nothing
             cu_q_lens=[0, *ends.tolist()] + [int(ends[-1])] * (B - n),
             logits_idx=(ends - 1).tolist() + pad_b,
@@ -271,8 +284,9 @@ class ModelRunner:
         )
         self.step_count += 1
         ints = np.fromiter((v for name in shape.layout() for v in x[name]), np.int32, sum(shape.layout().values()))
-        floats = np.array([s.temperature for s in seqs] + [1.0] * (B - n) + [s.top_p for s in seqs] + [1.0] * (B - n),
-                          np.float32)  # temperatures, then top_ps
+        floats = np.array(
+            [s.temperature for s in seqs] + [1.0] * (B - n) + [s.top_p for s in seqs] + [1.0] * (B - n), np.float32
+        )  # temperatures, then top_ps
         use_top_k_top_p = any(s.top_k > 0 or s.top_p < 1.0 for s in seqs)
         return shape, ints, floats, use_top_k_top_p
 

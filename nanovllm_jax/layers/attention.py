@@ -8,7 +8,6 @@ caches, which the caller rebinds; the engine's jitted step donates them, so the 
 from dataclasses import dataclass, field
 
 import jax
-import jax.numpy as jnp
 
 from nanovllm_jax import kernels
 

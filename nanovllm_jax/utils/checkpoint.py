@@ -17,22 +17,62 @@ from safetensors.numpy import save_file
 
 SIZES = {
     # GQA 2, tied, head_dim 64, vocab not a power of two.
-    "tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
+    "tiny": dict(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
     # GQA 1 (MHA), untied, head_dim 128.
-    "tiny-mha": dict(vocab_size=1003, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=4, head_dim=128, tie_word_embeddings=False),
+    "tiny-mha": dict(
+        vocab_size=1003,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
     # GQA 4, untied, head_dim 64, three layers.
-    "tiny-gqa4": dict(vocab_size=777, hidden_size=80, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False),
+    "tiny-gqa4": dict(
+        vocab_size=777,
+        hidden_size=80,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        tie_word_embeddings=False,
+    ),
     # The published Qwen3-0.6B architecture.
-    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                       max_position_embeddings=40960),
+    "qwen3-0.6b": dict(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+        max_position_embeddings=40960,
+    ),
     # The published Qwen3-8B architecture (for tensor-parallel benchmarks).
-    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-                     max_position_embeddings=40960),
+    "qwen3-8b": dict(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+        max_position_embeddings=40960,
+    ),
 }
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -52,11 +92,23 @@ Write a short story about a robot. Explain photosynthesis. What is the capital o
 def hf_config(size: str, dtype: str, config_style: str = "new", rope_theta: float = 1e6) -> dict:
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
-    cfg = dict(
-        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu", rms_norm_eps=1e-6,
-        max_position_embeddings=2048, attention_bias=False, attention_dropout=0.0, initializer_range=0.02,
-        use_cache=True, bos_token_id=0, eos_token_id=0, dtype=dtype,
-    ) | SIZES[size]
+    cfg = (
+        dict(
+            architectures=["Qwen3ForCausalLM"],
+            model_type="qwen3",
+            hidden_act="silu",
+            rms_norm_eps=1e-6,
+            max_position_embeddings=2048,
+            attention_bias=False,
+            attention_dropout=0.0,
+            initializer_range=0.02,
+            use_cache=True,
+            bos_token_id=0,
+            eos_token_id=0,
+            dtype=dtype,
+        )
+        | SIZES[size]
+    )
     if config_style == "new":
         cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
     elif config_style == "old":  # transformers 4.x style: top-level rope_theta, torch_dtype
@@ -105,19 +157,32 @@ def write_tokenizer(path: str, vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=min(vocab_size, 600), special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=min(vocab_size, 600),
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer)
     tok.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump(dict(tokenizer_class="PreTrainedTokenizerFast", eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                       bos_token=None, chat_template=CHAT_TEMPLATE, model_max_length=131072), f, indent=1)
+        json.dump(
+            dict(
+                tokenizer_class="PreTrainedTokenizerFast",
+                eos_token="<|im_end|>",
+                pad_token="<|endoftext|>",
+                bos_token=None,
+                chat_template=CHAT_TEMPLATE,
+                model_max_length=131072,
+            ),
+            f,
+            indent=1,
+        )
     return tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
 
 
-def make_checkpoint(path: str, size: str = "tiny", dtype: str = "float32", seed: int = 0, num_shards: int = 1,
-                    config_style: str = "new") -> str:
+def make_checkpoint(
+    path: str, size: str = "tiny", dtype: str = "float32", seed: int = 0, num_shards: int = 1, config_style: str = "new"
+) -> str:
     """Writes a random Qwen3 checkpoint of `size` to `path` (created) and returns `path`."""
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
