@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanovllm_jax import LLM, SamplingParams
 
-SMALL = dict(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024)
+SMALL = dict(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024, num_kvcache_blocks=64)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 
 
@@ -168,7 +168,7 @@ def test_constructor_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="no \\*.safetensors weights"):
         LLM(str(tmp_path), **SMALL)
     with pytest.raises(ValueError, match="one sequence of max_model_len=1024 needs 4"):
-        LLM(tiny, num_kvcache_blocks=2, enforce_eager=True, **SMALL)
+        LLM(tiny, **(SMALL | dict(num_kvcache_blocks=2, enforce_eager=True)))
 
 
 def test_no_compiles_in_steady_state(llm, caplog):
