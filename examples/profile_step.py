@@ -1,0 +1,92 @@
+"""Where a decode step's time goes: device busy time, kernel count and the top kernels, from a JAX
+profiler trace of a few steps of the ModelRunner (GPU). Used to find the fixed per-step cost.
+
+    python examples/profile_step.py --batch 1 256 --ctx 1024
+"""
+
+import argparse
+import collections
+import glob
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import cached_checkpoint  # noqa: E402
+from bench_buckets import fake_sequences  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="qwen3-0.6b")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--reference-attention", action="store_true", help="jnp reference kernels instead of Pallas")
+    args = p.parse_args()
+
+    import jax
+    from jax.profiler import ProfileData
+
+    from nanovllm_jax import LLM, kernels
+
+    if args.reference_attention:
+        kernels.store_kv = kernels.store_kv_reference
+        kernels.paged_decode_attention = kernels.paged_decode_attention_reference
+    llm = LLM(
+        cached_checkpoint(args.size),
+        max_num_seqs=max(args.batch),
+        max_num_batched_tokens=512,
+        max_model_len=4096,
+        num_kvcache_blocks=2048,
+        enforce_eager=True,
+    )
+    runner = llm.model_runner
+    for batch in args.batch:
+        seqs, _ = fake_sequences(batch, args.ctx, True, runner.block_size, runner.num_blocks, 10000)
+        shape, ints, floats, flag = runner.prepare(seqs, False)
+        step, sampler = runner._executables(shape, flag)
+        ints, floats = jax.device_put((ints, floats), runner.replicated)
+
+        def run():
+            logits, runner.kv_caches = step(runner.state, runner.kv_caches, ints)
+            return sampler(logits, ints, floats)
+
+        for _ in range(3):
+            run().block_until_ready()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            out = run()
+        out.block_until_ready()
+        wall = (time.perf_counter() - t) / args.steps
+        trace_dir = tempfile.mkdtemp()
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(args.steps):
+            out = run()
+        out.block_until_ready()
+        jax.profiler.stop_trace()
+        path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+        data = ProfileData.from_file(path)
+        kernels_ns, count = collections.Counter(), collections.Counter()
+        for plane in data.planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                if "Stream" not in line.name and "stream" not in line.name:
+                    continue
+                for ev in line.events:
+                    kernels_ns[ev.name] += ev.duration_ns
+                    count[ev.name] += 1
+        busy = sum(kernels_ns.values()) / args.steps / 1e6
+        n = sum(count.values()) / args.steps
+        print(
+            f"\nbatch {batch} ctx {args.ctx}: wall {wall * 1e3:.3f} ms/step, GPU busy {busy:.3f} ms/step, "
+            f"{n:.0f} kernels/step"
+        )
+        for name, ns in kernels_ns.most_common(12):
+            print(f"  {ns / args.steps / 1e3:9.1f} us  x{count[name] / args.steps:5.0f}  {name[:90]}")
+
+
+if __name__ == "__main__":
+    main()
