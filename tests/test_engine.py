@@ -183,3 +183,21 @@ def test_no_compiles_in_steady_state(llm, caplog):
     compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     assert compiles == []
     assert len(llm.model_runner.compiled) == programs
+
+
+@pytest.mark.gpu  # programs are saved on GPU only (XLA:CPU's deserialized programs can miss functions)
+def test_second_start_loads_saved_programs(tiny, llm):
+    again = LLM(tiny, **SMALL)  # the `llm` fixture, same settings, saved every program
+    runner = again.model_runner
+    assert runner.loaded_from_disk == len(runner.compiled) > 0
+    prompts = prompts_of([5, 50], seed=13)
+    first = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert again.generate(prompts, GREEDY, use_tqdm=False) == first
+    # A damaged file is ignored with a warning and rebuilt.
+    key = next(iter(runner.compiled))
+    with open(runner._path(key), "wb") as f:
+        f.write(b"not a program")
+    with pytest.warns(UserWarning, match="ignoring saved program"):
+        third = LLM(tiny, **SMALL)
+    assert third.model_runner.loaded_from_disk == len(third.model_runner.compiled) - 1
+    assert third.generate(prompts, GREEDY, use_tqdm=False) == first

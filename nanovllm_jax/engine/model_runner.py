@@ -9,8 +9,11 @@ on its first use. The KV cache is donated to every step and rebound to the step'
 store is in place. Under tensor parallelism the model step runs per device inside `jax.shard_map`.
 """
 
+import hashlib
 import math
 import os
+import pickle
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import serialize_executable
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from nanovllm_jax import kernels
 from nanovllm_jax.config import Config
 from nanovllm_jax.engine.sequence import Sequence
 from nanovllm_jax.layers.attention import AttentionMetadata
@@ -129,6 +134,13 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         self.compiled = {}
+        # Compiled programs are saved on GPU only: XLA:CPU's deserialized programs can miss functions.
+        on_cpu = self.mesh.devices.flat[0].platform == "cpu"
+        self.executable_dir = (
+            None if on_cpu else os.path.join(jax.config.jax_compilation_cache_dir, "nanovllm_executables")
+        )
+        self.fingerprint = self._fingerprint()
+        self.loaded_from_disk = 0
         if not config.enforce_eager:
             self.precompile()
 
@@ -162,7 +174,9 @@ class ModelRunner:
     def _sample_fn(self, logits, ints, floats, use_top_k_top_p: bool):
         B = floats.shape[0] // 2
         logits = logits[:, : self.vocab_size]  # drop the vocab padding of tensor parallelism
-        key = jax.random.fold_in(jax.random.key(self.seed), ints[-1])
+        # "rbg" (XLA's RngBitGenerator) draws the [B, V] Gumbel noise far cheaper on the GPU than the
+        # default threefry; the stream is fixed by the seed and the step counter all the same.
+        key = jax.random.fold_in(jax.random.key(self.seed, impl="rbg"), ints[-1])
         return sample(logits, floats[:B], ints[-1 - B : -1], floats[B:], key, use_top_k_top_p=use_top_k_top_p)
 
     # ---- KV cache ------------------------------------------------------------------------------------
@@ -205,7 +219,10 @@ class ModelRunner:
             stats = device.memory_stats()
             budget = stats["bytes_limit"] * self.config.gpu_memory_utilization
             free.append(budget - stats["peak_bytes_in_use"])
-        return max(int(min(free) // self._block_bytes()), 0)
+        blocks = max(int(min(free) // self._block_bytes()), 0)
+        # Rounded down to a multiple of 64 so that small run-to-run differences in free memory keep the
+        # cache shape, and with it the programs saved on disk (see `_program`), the same.
+        return blocks - blocks % 64 if blocks >= 128 else blocks
 
     def _allocate_kv_cache(self, num_blocks: int):
         a = self.shard_args
@@ -218,21 +235,18 @@ class ModelRunner:
     # ---- host side -----------------------------------------------------------------------------------
 
     def precompile(self):
-        """Compile every decode batch bucket and prefill token bucket, and both sampler variants of each.
+        """Build every decode batch bucket and prefill token bucket, and both sampler variants of each.
 
-        Tracing and lowering run here one program at a time (Python); XLA's compilations, which release
-        the GIL, run in a thread pool, so start-up takes about the longest compile rather than the sum.
+        Programs saved by an earlier run load from disk (`_program`); the rest are traced and lowered here
+        one at a time (Python), and XLA's compilations, which release the GIL, run in a thread pool.
         """
         shapes = [self._shape(False, b, b) for b in self.decode_buckets]
         shapes += [self._shape(True, t, t) for t in self.prefill_buckets]
-        lowered = {}
-        for shape in shapes:
-            for use_top_k_top_p in (False, True):
-                for key, program in self._lower(shape, use_top_k_top_p).items():
-                    lowered.setdefault(key, program)
-        with ThreadPoolExecutor(max_workers=min(len(lowered), os.cpu_count() or 1)) as pool:
-            compiled = dict(zip(lowered, pool.map(lambda program: program.compile(), lowered.values())))
-        self.compiled.update(compiled)
+        keys = dict.fromkeys(k for shape in shapes for flag in (False, True) for k in self._program_keys(shape, flag))
+        lowered = {key: self._lower(key) for key in keys if self._load(key) is None}
+        with ThreadPoolExecutor(max_workers=max(1, min(len(lowered), os.cpu_count() or 1))) as pool:
+            for key, program in zip(lowered, pool.map(lambda program: program.compile(), lowered.values())):
+                self._save(key, program)
 
     def _shape(self, is_prefill: bool, num_tokens: int, num_seqs: int) -> StepShape:
         if is_prefill:
@@ -241,30 +255,103 @@ class ModelRunner:
         b = pick(self.decode_buckets, num_seqs)
         return StepShape(False, b, b, self.width)
 
-    def _lower(self, shape: StepShape, use_top_k_top_p: bool) -> dict:
-        """The not yet compiled programs of a step: {key: lowered} for the model step and the sampler."""
+    @staticmethod
+    def _program_keys(shape: StepShape, use_top_k_top_p: bool):
+        """The model step is keyed by its shape; the sampler by (seqs, packed ints length, variant)."""
+        return shape, (shape.seqs, sum(shape.layout().values()), use_top_k_top_p)
+
+    def _lower(self, key):
         rep = self.replicated
-        ints = jax.ShapeDtypeStruct((sum(shape.layout().values()),), jnp.int32, sharding=rep)
-        out = {}
-        if shape not in self.compiled:
-            out[shape] = self._model_step.lower(self.state, self.kv_caches, ints, shape)
-        key = (shape.seqs, ints.shape[0], use_top_k_top_p)
-        if key not in self.compiled:
-            floats = jax.ShapeDtypeStruct((2 * shape.seqs,), jnp.float32, sharding=rep)
-            vocab = self.shard_args.vocab_size * self.mesh.size
-            logits = jax.ShapeDtypeStruct((shape.seqs, vocab), jnp.float32, sharding=rep)
-            out[key] = self._sample.lower(logits, ints, floats, use_top_k_top_p)
-        return out
+        if isinstance(key, StepShape):
+            ints = jax.ShapeDtypeStruct((sum(key.layout().values()),), jnp.int32, sharding=rep)
+            return self._model_step.lower(self.state, self.kv_caches, ints, key)
+        seqs, ints_len, use_top_k_top_p = key
+        ints = jax.ShapeDtypeStruct((ints_len,), jnp.int32, sharding=rep)
+        floats = jax.ShapeDtypeStruct((2 * seqs,), jnp.float32, sharding=rep)
+        logits = jax.ShapeDtypeStruct((seqs, self.shard_args.vocab_size * self.mesh.size), jnp.float32, sharding=rep)
+        return self._sample.lower(logits, ints, floats, use_top_k_top_p)
 
     def _executables(self, shape: StepShape, use_top_k_top_p: bool):
-        """The compiled model step of a bucket and its sampler; compiled here on first need (eager mode).
+        """The compiled model step of a bucket and its sampler, built here on first need (eager mode).
 
         NOTE: the hot loop calls these executables directly, so a step can never trigger a compile
         behind our back: `self.compiled` holds every program this runner has built.
         """
-        for key, program in self._lower(shape, use_top_k_top_p).items():
-            self.compiled[key] = program.compile()
-        return self.compiled[shape], self.compiled[(shape.seqs, sum(shape.layout().values()), use_top_k_top_p)]
+        return tuple(self._program(key) for key in self._program_keys(shape, use_top_k_top_p))
+
+    def _program(self, key):
+        if key not in self.compiled and self._load(key) is None:
+            self._save(key, self._lower(key).compile())
+        return self.compiled[key]
+
+    # ---- compiled programs on disk ---------------------------------------------------------------------
+    # JAX's persistent cache skips XLA's compilation but not tracing and lowering, which for a 28-layer
+    # model are most of a warm start-up. So the compiled programs themselves are saved too, keyed by
+    # everything they depend on: this code, JAX, the devices, XLA's flags, and the shapes and shardings
+    # of the weights and the cache (`_fingerprint`).
+
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for folder in sorted({os.path.dirname(os.path.dirname(__file__)), os.path.dirname(kernels.__file__)}):
+            for root, _, files in sorted(os.walk(folder)):
+                for name in sorted(f for f in files if f.endswith(".py")):
+                    with open(os.path.join(root, name), "rb") as f:
+                        h.update(name.encode() + f.read())
+        avals = [
+            (x.shape, str(x.dtype), str(x.sharding)) for x in jax.tree_util.tree_leaves((self.state, self.kv_caches))
+        ]
+        h.update(
+            repr(
+                (
+                    jax.__version__,
+                    jax.lib.__version__,
+                    [str(d) for d in self.mesh.devices.flat],
+                    [d.device_kind for d in self.mesh.devices.flat],
+                    os.environ.get("XLA_FLAGS", ""),
+                    jax.config.jax_default_matmul_precision,
+                    self.seed,
+                    self.vocab_size,
+                    avals,
+                    str(jax.tree_util.tree_structure((self.state, self.kv_caches))),
+                )
+            ).encode()
+        )
+        return h.hexdigest()[:32]
+
+    def _path(self, key) -> str:
+        return os.path.join(
+            self.executable_dir, f"{self.fingerprint}-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}"
+        )
+
+    def _load(self, key):
+        if key in self.compiled or self.executable_dir is None:
+            return self.compiled.get(key)
+        try:
+            with open(self._path(key), "rb") as f:
+                blob, in_tree, out_tree = pickle.load(f)
+            self.compiled[key] = serialize_executable.deserialize_and_load(
+                blob, in_tree, out_tree, execution_devices=list(self.mesh.devices.flat)
+            )
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # a stale or damaged file: rebuild it
+            warnings.warn(f"ignoring saved program {self._path(key)}: {e}", stacklevel=2)
+            return None
+        self.loaded_from_disk += 1
+        return self.compiled[key]
+
+    def _save(self, key, compiled):
+        self.compiled[key] = compiled
+        if self.executable_dir is None:
+            return
+        try:
+            os.makedirs(self.executable_dir, exist_ok=True)
+            tmp = f"{self._path(key)}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                pickle.dump(serialize_executable.serialize(compiled), f)
+            os.replace(tmp, self._path(key))  # readers only ever see complete files
+        except Exception as e:  # saving is an optimisation; a read-only cache dir must not stop the engine
+            warnings.warn(f"could not save compiled program to {self.executable_dir}: {e}", stacklevel=2)
 
     def prepare(self, seqs: list[Sequence], is_prefill: bool):
         """Host side of a step: (shape, packed int32 inputs, float32 inputs, use_top_k_top_p)."""
