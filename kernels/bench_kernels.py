@@ -74,14 +74,9 @@ def loop_time(call, carry, consts, steps, target_s=0.03, est_s=1e-4):
     return median_time(many, carry, consts, steps) / (n * len(steps))
 
 
-def call_time(fn, *args, repeats=30):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def call_time(fn, *args):
+    """Median seconds of one call from Python (dispatch and sync included)."""
+    return median_time(fn, *args, repeats=30)
 
 
 class Pool:

@@ -46,7 +46,7 @@ def rel_err(x, ref):
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-@pytest.mark.parametrize("size", ["tiny", "tiny-mha", "tiny-gqa4"])
+@pytest.mark.parametrize("size", ["tiny", "tiny-mha", "tiny-gqa4", "tiny-qwen2"])
 def test_fp32_logits_match_hf(checkpoint, size):
     path = checkpoint(size)
     vocab = json.load(open(os.path.join(path, "config.json")))["vocab_size"]

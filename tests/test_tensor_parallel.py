@@ -24,7 +24,7 @@ def prefill_logits(llm, prompts):
     return np.asarray(logits)[: len(seqs), : runner.vocab_size]
 
 
-@pytest.mark.parametrize("size", ["tiny", "tiny-gqa4"])  # 2 kv heads: TP=4 replicates them
+@pytest.mark.parametrize("size", ["tiny", "tiny-gqa4", "tiny-qwen2"])  # 2 kv heads: TP=4 replicates them
 def test_tp_matches_single_device(checkpoint, size):
     path = checkpoint(size)
     rng = np.random.default_rng(0)

@@ -36,6 +36,8 @@ from nanovllm_jax.utils.loader import TP_AXIS, load_model, make_mesh
 # so let the pool cover 95% of the device unless the user chose otherwise (effective only if set
 # before JAX starts its GPU backend; the README says so).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+# NVLink multicast (NVLS) off for NCCL's all-reduces under tensor parallelism, unless the user chose.
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 # XLA command buffers (CUDA graphs) around all kernels, the Pallas custom calls included: a decode step
 # launches ~500 small kernels, and launched one by one they left the GPU idle at small batches
 # (measured on the H100: a batch-1 step went from 4.05 to 2.72 ms). Same rule: only before JAX starts

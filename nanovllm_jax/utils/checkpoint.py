@@ -4,7 +4,7 @@ Writes config.json, generation_config.json, model.safetensors (or shards with an
 byte-level BPE tokenizer trained here with `tokenizers` plus a chat template. No download. The
 weights are random, so the text is gibberish; with `ignore_eos=True` the cost equals real weights.
 
-    python -m nanovllm_jax.utils.checkpoint DIR [--size tiny|tiny-mha|tiny-gqa4|qwen3-0.6b] [--dtype ...]
+    python -m nanovllm_jax.utils.checkpoint DIR [--size tiny|tiny-mha|tiny-gqa4|tiny-qwen2|qwen3-0.6b|qwen3-8b] [--dtype ...]
 """
 
 import argparse
@@ -47,6 +47,18 @@ SIZES = {
         num_attention_heads=8,
         num_key_value_heads=2,
         head_dim=64,
+        tie_word_embeddings=False,
+    ),
+    # A Qwen2-style checkpoint: q/k/v biases, no q/k norm, head_dim from hidden / heads.
+    "tiny-qwen2": dict(
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         tie_word_embeddings=False,
     ),
     # The published Qwen3-0.6B architecture.
@@ -123,7 +135,9 @@ def random_weights(cfg: dict, seed: int):
     rng = np.random.default_rng(seed)
     dtype = ml_dtypes.bfloat16 if cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16" else np.float32
     d, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    n, k, h = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    n, k = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    h = cfg.get("head_dim") or d // n
+    qwen2 = cfg["model_type"] == "qwen2"
 
     def normal(*shape, std=0.02):
         return (rng.standard_normal(shape, dtype=np.float32) * std).astype(dtype)
@@ -138,8 +152,13 @@ def random_weights(cfg: dict, seed: int):
         yield p + "self_attn.q_proj.weight", normal(n * h, d)
         yield p + "self_attn.k_proj.weight", normal(k * h, d)
         yield p + "self_attn.v_proj.weight", normal(k * h, d)
-        yield p + "self_attn.q_norm.weight", norm(h)
-        yield p + "self_attn.k_norm.weight", norm(h)
+        if qwen2:
+            yield p + "self_attn.q_proj.bias", normal(n * h, std=0.1)
+            yield p + "self_attn.k_proj.bias", normal(k * h, std=0.1)
+            yield p + "self_attn.v_proj.bias", normal(k * h, std=0.1)
+        else:
+            yield p + "self_attn.q_norm.weight", norm(h)
+            yield p + "self_attn.k_norm.weight", norm(h)
         yield p + "self_attn.o_proj.weight", normal(d, n * h)
         yield p + "post_attention_layernorm.weight", norm(d)
         yield p + "mlp.gate_proj.weight", normal(inter, d)
