@@ -49,7 +49,7 @@ def main():
         step, sampler = runner._executables(shape, flag)
         ints, floats = jax.device_put((ints, floats), runner.replicated)
 
-        def run():
+        def run(step=step, sampler=sampler, ints=ints, floats=floats):
             logits, runner.kv_caches = step(runner.state, runner.kv_caches, ints)
             return sampler(logits, ints, floats)
 

@@ -4,7 +4,7 @@ Writes config.json, generation_config.json, model.safetensors (or shards with an
 byte-level BPE tokenizer trained here with `tokenizers` plus a chat template. No download. The
 weights are random, so the text is gibberish; with `ignore_eos=True` the cost equals real weights.
 
-    python -m nanovllm_jax.utils.checkpoint DIR [--size tiny|tiny-mha|tiny-gqa4|tiny-qwen2|qwen3-0.6b|qwen3-8b] [--dtype ...]
+    python -m nanovllm_jax.utils.checkpoint DIR [--size SIZE] [--dtype float32|bfloat16]  # SIZE: see SIZES
 """
 
 import argparse
