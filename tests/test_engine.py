@@ -201,3 +201,15 @@ def test_second_start_loads_saved_programs(tiny, llm):
         third = LLM(tiny, **SMALL)
     assert third.model_runner.loaded_from_disk == len(third.model_runner.compiled) - 1
     assert third.generate(prompts, GREEDY, use_tqdm=False) == first
+
+
+def test_bucket_lists():
+    from nanovllm_jax.engine.model_runner import decode_buckets, pick, prefill_buckets
+
+    assert decode_buckets(512) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert decode_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert decode_buckets(2000)[-2:] == [1024, 2000]  # max_num_seqs is always a bucket
+    assert prefill_buckets(16384) == [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+    assert prefill_buckets(1000) == [64, 128, 256, 512, 1000]
+    assert prefill_buckets(10) == [10]
+    assert [pick(decode_buckets(48), n) for n in (1, 3, 33, 48)] == [1, 4, 48, 48]

@@ -63,7 +63,7 @@ CPU_KV_CACHE_BYTES = 512 * 2**20
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
-    return sorted({min(b, max_num_seqs) for b in DECODE_BATCH_BUCKETS})
+    return sorted({min(b, max_num_seqs) for b in DECODE_BATCH_BUCKETS} | {max_num_seqs})
 
 
 def prefill_buckets(max_num_batched_tokens: int) -> list[int]:
