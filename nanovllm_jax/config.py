@@ -58,9 +58,6 @@ class Config:
         hf_config = self.hf_config if self.hf_config is not None else AutoConfig.from_pretrained(model)
         object.__setattr__(self, "hf_config", hf_config)
         object.__setattr__(self, "max_model_len", min(self.max_model_len, hf_config.max_position_embeddings))
-        if self.max_num_batched_tokens < self.max_model_len:
-            # nano-vllm asserts this; here a long prompt is chunked, so it only needs to be positive.
-            pass
 
 
 def _check_int(name: str, value, minimum: int):
