@@ -91,6 +91,9 @@ def main():
     p.add_argument(
         "--startup-only", action="store_true", help="build the LLM, print its start-up time, and exit"
     )
+    p.add_argument(
+        "--sync", action="store_true", help="turn async scheduling off (each step scheduled after the last is read)"
+    )
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
 
@@ -162,10 +165,22 @@ def main():
         return
 
     prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len, runner.vocab_size)
+    llm.async_scheduling = not args.sync
     llm.generate(["Benchmark: "], SamplingParams())
+    # The host's share: time spent waiting for a step's tokens (the device is busy then) vs the rest.
+    collect, waits = runner.collect, []
+
+    def timed_collect(handle):
+        t = time.perf_counter()
+        out = collect(handle)
+        waits.append(time.perf_counter() - t)
+        return out
+
+    runner.collect = timed_collect
     t = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t
+    runner.collect = collect
     total = sum(sp.max_tokens for sp in params)
     prompt_tokens = sum(map(len, prompts))
     generated = sum(len(o["token_ids"]) for o in outputs)
@@ -173,6 +188,10 @@ def main():
         print(f"WARNING: generated {generated} tokens, not {total} (a sequence reached max_model_len?)")
     throughput = total / elapsed
     print(f"Total: {total}tok, Time: {elapsed:.2f}s, Throughput: {throughput:.2f}tok/s")
+    print(
+        f"Steps: {len(waits)}, waiting for the device {sum(waits):.2f}s, host work {elapsed - sum(waits):.2f}s "
+        f"({(elapsed - sum(waits)) / len(waits) * 1e3:.2f} ms/step), async scheduling {'off' if args.sync else 'on'}"
+    )
     result |= dict(
         num_seqs=args.num_seqs,
         max_input_len=args.max_input_len,
@@ -186,13 +205,16 @@ def main():
         generated_tokens=generated,
         time_s=elapsed,
         throughput_tok_s=throughput,
+        async_scheduling=not args.sync,
+        steps=len(waits),
+        wait_s=sum(waits),
     )
     write_json(args.json, result)
     print(
         f"summary: {jax.default_backend()} {device.device_kind} tp={args.tp} "
         f"{args.size if not args.model else os.path.basename(model.rstrip('/'))} seqs={args.num_seqs} "
         f"prompt_tokens={prompt_tokens} output_tokens={total} time={elapsed:.2f}s "
-        f"throughput={throughput:.0f}tok/s startup={startup:.1f}s"
+        f"throughput={throughput:.0f}tok/s startup={startup:.1f}s async={not args.sync}"
     )
 
 

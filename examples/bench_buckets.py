@@ -85,7 +85,7 @@ def time_device(runner, seqs, is_prefill: bool, warmup: int, repeats: int) -> fl
     times = []
     for i in range(warmup + repeats):
         t = time.perf_counter()
-        logits, runner.kv_caches = step(runner.state, runner.kv_caches, ints)  # donated, rebound
+        logits, runner.kv_caches = step(runner.state, runner.kv_caches, ints, runner.last_tokens)  # donated
         sampler(logits, ints, floats).block_until_ready()
         if i >= warmup:
             times.append(time.perf_counter() - t)

@@ -17,4 +17,7 @@ rm -rf /tmp/xla-fresh
 timeout 420 python3 examples/bench.py --cache-dir /tmp/xla-fresh --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" \
   | grep -v "it/s" | grep -v cuda_timer
 timeout 240 python3 examples/bench.py --cache-dir /tmp/xla-fresh --json "$OUT/bench_warm.json" 2>&1 \
-  | grep -E "Start-up|summary|Total"
+  | grep -E "Start-up|summary|Total|Steps"
+# The same warm run without async scheduling, to see what overlapping host and device work gains.
+timeout 240 python3 examples/bench.py --cache-dir /tmp/xla-fresh --sync --json "$OUT/bench_sync.json" 2>&1 \
+  | grep -E "Start-up|summary|Total|Steps"

@@ -50,7 +50,7 @@ def main():
         ints, floats = jax.device_put((ints, floats), runner.replicated)
 
         def run(step=step, sampler=sampler, ints=ints, floats=floats):
-            logits, runner.kv_caches = step(runner.state, runner.kv_caches, ints)
+            logits, runner.kv_caches = step(runner.state, runner.kv_caches, ints, runner.last_tokens)
             return sampler(logits, ints, floats)
 
         for _ in range(3):

@@ -130,8 +130,31 @@ def test_sampling_is_reproducible_with_seed(tiny):
     prompts = prompts_of([8, 9], seed=11)
     sp = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, max_tokens=12, ignore_eos=True)
     a = LLM(tiny, enforce_eager=True, seed=123, **SMALL).generate(prompts, sp, use_tqdm=False)
-    b = LLM(tiny, enforce_eager=True, seed=123, **SMALL).generate(prompts, sp, use_tqdm=False)
+    engine = LLM(tiny, enforce_eager=True, seed=123, **SMALL)
+    engine.async_scheduling = False  # the same samples either way when no sequence ends early
+    b = engine.generate(prompts, sp, use_tqdm=False)
     assert [o["token_ids"] for o in a] == [o["token_ids"] for o in b]
+
+
+def test_async_scheduling_matches_sync_with_eos(llm, monkeypatch):
+    prompts = prompts_of([5, 40, 300, 17], seed=13)
+    ref = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    ref = [o["token_ids"] for o in ref]
+    eos = ref[1][6]  # a token that sequence 1 emits mid-run is the EOS: sequences end at different steps
+    limits = (20, 20, 9, 14)
+    expected = [r[: min(r.index(eos) + 1 if eos in r else m, m)] for r, m in zip(ref, limits)]
+    assert len({len(e) for e in expected}) > 1
+    monkeypatch.setattr(llm.scheduler, "eos_ids", frozenset({eos}))
+    ahead = []
+    schedule_ahead = llm.scheduler.schedule_ahead
+    monkeypatch.setattr(llm.scheduler, "schedule_ahead", lambda seqs: ahead.append(schedule_ahead(seqs)) or ahead[-1])
+    sps = [SamplingParams(temperature=0.0, max_tokens=m) for m in limits]
+    for mode in (True, False):
+        monkeypatch.setattr(llm, "async_scheduling", mode)
+        ahead.clear()
+        outs = llm.generate(prompts, sps, use_tqdm=False)
+        assert [o["token_ids"] for o in outs] == expected
+        assert any(ahead) == mode  # steps were launched ahead (only) with async scheduling
 
 
 def test_bad_inputs_raise_and_engine_stays_usable(llm):

@@ -214,29 +214,40 @@ class FakeModel:
             fp.append(hash((fp[-1] if fp else 0, t)) & (2**62 - 1))
         return np.asarray(fp[: s.num_tokens])
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        def slots(s: Sequence, stop: int) -> np.ndarray:
-            positions = np.arange(stop)
-            return np.asarray(s.block_table)[positions // BS] * BS + positions % BS
-
-        for s in seqs:  # all writes of the step first, as in a layer of the real model
-            start, count = s.num_cached_tokens, s.num_scheduled_tokens
+    def launch(self, seqs: list[Sequence], is_prefill: bool, ahead: bool = False):
+        """A step as the engine launches it: its positions and slots are fixed now, it computes later
+        (`collect`, in launch order, as on the device). `ahead`: a decode step scheduled before the
+        previous step's tokens are in, so each sequence computes the position after its last."""
+        job = []
+        for s in seqs:
+            start = s.num_tokens if ahead else s.num_cached_tokens
+            count = s.num_scheduled_tokens
             assert count >= 1 and len(s.block_table) * BS >= start + count
             if not is_prefill:
-                assert count == 1 and start == s.num_tokens - 1
-            self.cache[slots(s, start + count)[start:]] = self.prefix_fingerprints(s)[start : start + count]
-        for s in seqs:
-            stop = s.num_cached_tokens + s.num_scheduled_tokens
-            np.testing.assert_array_equal(self.cache[slots(s, stop)], self.prefix_fingerprints(s)[:stop])
+                assert count == 1 and start == s.num_tokens - (not ahead)
+            positions = np.arange(start + count)
+            job.append((s, start, count, np.asarray(s.block_table)[positions // BS] * BS + positions % BS))
+        return job
+
+    def collect(self, job) -> list[int]:
+        for s, start, count, slots in job:  # all writes of the step first, as in a layer of the real model
+            # A sequence finished since launch (EOS) still computes: garbage into the slots it had.
+            live = not s.is_finished
+            self.cache[slots[start:]] = self.prefix_fingerprints(s)[start : start + count] if live else -7
+        for s, start, count, slots in job:
+            if not s.is_finished:
+                np.testing.assert_array_equal(self.cache[slots], self.prefix_fingerprints(s)[: start + count])
         # A prefill chunk short of the last token samples garbage, which must be ignored.
         return [
-            fake_token(self.keys[s.seq_id], s.num_tokens)
-            if s.num_cached_tokens + s.num_scheduled_tokens == s.num_tokens else 10**9
-            for s in seqs
+            fake_token(self.keys[s.seq_id], start + count) if start + count == s.num_tokens else 10**9
+            for s, start, count, _ in job
         ]
 
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        return self.collect(self.launch(seqs, is_prefill))
 
-def check_invariants(sched: Scheduler):
+
+def check_invariants(sched: Scheduler, ahead: bool = False):
     bm = sched.block_manager
     holders = list(sched.running) + [s for s in sched.waiting if s.block_table]
     assert all(s is sched.waiting[0] for s in holders if s.status == SequenceStatus.WAITING)
@@ -249,13 +260,16 @@ def check_invariants(sched: Scheduler):
     assert len(sched.running) <= sched.max_num_seqs
     for s in sched.running:
         assert s.status == SequenceStatus.RUNNING and s.num_cached_tokens == s.num_tokens - 1
-        assert len(s.block_table) == (s.num_cached_tokens + BS - 1) // BS
+        # A step scheduled ahead already holds the block for the token after the next.
+        assert len(s.block_table) - (s.num_cached_tokens + BS - 1) // BS in ((0, 1) if ahead else (0,))
     for s in sched.waiting:
         assert s.num_cached_tokens == 0 or s.block_table
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("trial", range(12))
-def test_randomized_run_finishes_every_request_exactly_once(make, trial):
+def test_randomized_run_finishes_every_request_exactly_once(make, trial, pipelined):
+    """The engine's loop (see LLMEngine.step), with and without scheduling decode steps ahead."""
     rng = random.Random(trial)
     max_model_len = 1024
     num_blocks = rng.randint(max_model_len // BS, 8)
@@ -278,23 +292,29 @@ def test_randomized_run_finishes_every_request_exactly_once(make, trial):
                 break
         expected[s.seq_id] = completion
         requests.append(s)
-    model, done = FakeModel(num_blocks, keys), {}
+    model, done, in_flight, num_ahead = FakeModel(num_blocks, keys), {}, None, 0
     for num_steps in range(10_000):
         if requests and (not num_steps or rng.random() < 0.3):  # some requests arrive mid-run
             sched.add(requests.pop(0))
-        if sched.is_finished():
-            if not requests:
-                break
-            continue
-        seqs, is_prefill = sched.schedule()
-        assert len(set(seqs)) == len(seqs) <= sched.max_num_seqs
-        if is_prefill:
-            assert sum(s.num_scheduled_tokens for s in seqs) <= sched.max_num_batched_tokens
-        sched.postprocess(seqs, model.run(seqs, is_prefill))
-        for s in seqs:
-            if s.is_finished:
-                assert s.seq_id not in done
-                done[s.seq_id] = s.completion_token_ids
-        check_invariants(sched)
-    assert done == expected
+        if in_flight is None:
+            if sched.is_finished():
+                if not requests:
+                    break
+                continue
+            seqs, is_prefill = sched.schedule()
+            assert len(set(seqs)) == len(seqs) <= sched.max_num_seqs
+            if is_prefill:
+                assert sum(s.num_scheduled_tokens for s in seqs) <= sched.max_num_batched_tokens
+            in_flight = seqs, is_prefill, model.launch(seqs, is_prefill)
+        seqs, is_prefill, job = in_flight
+        in_flight = None
+        if pipelined and not is_prefill and (ahead := sched.schedule_ahead(seqs)):
+            assert set(ahead) <= set(seqs)
+            in_flight, num_ahead = (ahead, False, model.launch(ahead, False, ahead=True)), num_ahead + 1
+        for s in sched.postprocess(seqs, model.collect(job)):
+            assert s.seq_id not in done
+            done[s.seq_id] = s.completion_token_ids
+        check_invariants(sched, ahead=in_flight is not None)
+    assert in_flight is None and done == expected
+    assert num_ahead > 0 if pipelined else num_ahead == 0
     assert sched.block_manager.num_free_blocks == num_blocks

@@ -59,18 +59,18 @@ def test_concurrent_requests_match_sequential_greedy(llm):
 
     # Record which threads enter the engine and how many sequences each decode step batches.
     step_threads, decode_batches = set(), []
-    step, run = llm.step, llm.model_runner.run
+    step, dispatch = llm.step, llm.model_runner.dispatch
 
     def recording_step():
         step_threads.add(threading.get_ident())
         return step()
 
-    def recording_run(seqs, is_prefill):
+    def recording_dispatch(seqs, is_prefill, prev=None):
         if not is_prefill:
             decode_batches.append(len(seqs))
-        return run(seqs, is_prefill)
+        return dispatch(seqs, is_prefill, prev)
 
-    llm.step, llm.model_runner.run = recording_step, recording_run
+    llm.step, llm.model_runner.dispatch = recording_step, recording_dispatch
     server = load_server()
     try:
         with TestClient(server.create_app(llm)) as client:
@@ -94,7 +94,7 @@ def test_concurrent_requests_match_sequential_greedy(llm):
             r = post(1)
             assert r.status_code == 200 and r.json() == {"generated_text": expected[1]}
     finally:
-        del llm.step, llm.model_runner.run  # back to the bound methods
+        del llm.step, llm.model_runner.dispatch  # back to the bound methods
     assert len(step_threads) == 1 and threading.get_ident() not in step_threads
     assert max(decode_batches) > 1, "concurrent requests never shared a decode step"
     assert llm.is_finished()

@@ -19,7 +19,9 @@ def prefill_logits(llm, prompts):
     runner = llm.model_runner
     shape, ints, floats, flag = runner.prepare(seqs, is_prefill)
     step, _ = runner._executables(shape, flag)
-    logits, runner.kv_caches = step(runner.state, runner.kv_caches, jax.device_put(ints, runner.replicated))
+    logits, runner.kv_caches = step(
+        runner.state, runner.kv_caches, jax.device_put(ints, runner.replicated), runner.last_tokens
+    )
     llm.scheduler.postprocess(seqs, [0] * len(seqs))
     return np.asarray(logits)[: len(seqs), : runner.vocab_size]
 

@@ -105,14 +105,19 @@ class BlockManager:
         seq.num_cached_tokens = 0
         seq.block_table = []
 
-    def can_append(self, seq: Sequence) -> bool:
-        return self.num_free_blocks >= (len(seq.block_table) < seq.num_blocks)
+    def needs_block(self, seq: Sequence, ahead: int = 0) -> bool:
+        """Whether a decode step needs a new block for `seq`; `ahead=1` for the step after the next
+        (scheduled before the next step's token is known, see `Scheduler.schedule_ahead`)."""
+        return len(seq.block_table) * self.block_size < seq.num_tokens + ahead
 
-    def may_append(self, seq: Sequence):
+    def can_append(self, seq: Sequence, ahead: int = 0) -> bool:
+        return self.num_free_blocks >= self.needs_block(seq, ahead)
+
+    def may_append(self, seq: Sequence, ahead: int = 0):
         """Before a decode step: make sure the block table covers the token about to be computed."""
         # NOTE: a sequence only ever writes KV into its own blocks: shared blocks are full prefix
         # blocks, and the block a decode step writes into is its last, which is never shared.
-        if len(seq.block_table) < seq.num_blocks:
+        if self.needs_block(seq, ahead):
             seq.block_table.append(self._allocate_block())
 
     def hash_blocks(self, seq: Sequence):

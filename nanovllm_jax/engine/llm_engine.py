@@ -2,6 +2,11 @@
 
 Requests are validated completely before any state changes, so a bad prompt raises a clear
 ValueError/TypeError and leaves the engine usable.
+
+Async scheduling: while a decode step runs on the device, the next decode step is scheduled and
+launched before the running step's tokens are read (`Scheduler.schedule_ahead`), so the host's work
+per step (reading tokens, post-processing, scheduling, packing inputs) overlaps the device's.
+`step()` returns the results of one step, as without it.
 """
 
 import json
@@ -50,6 +55,8 @@ class LLMEngine:
         self.eos_ids = eos_token_ids(self.config, self.tokenizer)
         self.model_runner = ModelRunner(self.config, seed)
         self.scheduler = Scheduler(self.config, self.eos_ids, self.model_runner.num_blocks)
+        self.async_scheduling = True  # False: each step is scheduled after the previous one's tokens are in
+        self.in_flight = None  # (seqs, is_prefill, num_tokens, handle) of the step launched, not yet read
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
         """Queues one request; returns its seq_id (the id `step()` reports it under)."""
@@ -82,17 +89,25 @@ class LLMEngine:
 
     def step(self) -> tuple[list[tuple[int, list[int]]], int]:
         """One scheduler step: (finished [(seq_id, completion token ids)], tokens: + prefill / - decode)."""
-        if self.scheduler.is_finished():
-            return [], 0
-        seqs, is_prefill = self.scheduler.schedule()
+        if self.in_flight is None:
+            if self.scheduler.is_finished():
+                return [], 0
+            self.in_flight = self._launch(*self.scheduler.schedule())
+        seqs, is_prefill, num_tokens, handle = self.in_flight
+        self.in_flight = None
+        if self.async_scheduling and not is_prefill:
+            ahead = self.scheduler.schedule_ahead(seqs)
+            if ahead:
+                self.in_flight = self._launch(ahead, False, prev=seqs)
+        finished = self.scheduler.postprocess(seqs, self.model_runner.collect(handle))
+        return [(s.seq_id, s.completion_token_ids) for s in finished], num_tokens
+
+    def _launch(self, seqs, is_prefill, prev=None):
         num_tokens = sum(s.num_scheduled_tokens for s in seqs) if is_prefill else -len(seqs)
-        token_ids = self.model_runner.run(seqs, is_prefill)
-        self.scheduler.postprocess(seqs, token_ids)
-        outputs = [(s.seq_id, s.completion_token_ids) for s in seqs if s.is_finished]
-        return outputs, num_tokens
+        return seqs, is_prefill, num_tokens, self.model_runner.dispatch(seqs, is_prefill, prev)
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished()
+        return self.in_flight is None and self.scheduler.is_finished()
 
     def generate(
         self,

@@ -1,7 +1,9 @@
 """ModelRunner: weights, the paged KV cache, and the jitted, bucketed prefill/decode/sample steps.
 
 Only dense padded arrays cross into jit. A step's inputs are packed on the host into one int32 and one
-float32 array (one transfer each); its output is the sampled token ids, read back once per step. Token
+float32 array (one transfer each); its output is the sampled token ids, read back once per step
+(`dispatch` launches a step, `collect` reads its tokens). A decode step may be launched before the
+previous step's tokens are read: its input ids then come from that step's tokens on the device. Token
 counts and sequence counts are padded to the buckets below, the block-table width is fixed
 (max_model_len / block_size), and every bucket is compiled at start-up (`precompile`), the JAX analogue
 of CUDA-graph capture; with `enforce_eager=True` nothing is compiled at start-up and each bucket compiles
@@ -93,13 +95,14 @@ class StepShape:
         # Segments of the packed int32 input, in order.
         return dict(
             input_ids=T,
+            src_rows=T,  # >= 0: the input id is the previous step's sampled token of that row instead
             positions=T,
             slot_mapping=T,
             block_tables=B * W,
             context_lens=B,
             cu_q_lens=B + 1,
             logits_idx=B,
-            top_ks=B,
+            top_ks=B,  # the sampler reads the last B + 1 entries
             step=1,
         )
 
@@ -131,7 +134,11 @@ class ModelRunner:
         self.step_count = 0
         self.decode_buckets = decode_buckets(config.max_num_seqs)
         self.prefill_buckets = prefill_buckets(config.max_num_batched_tokens)
-        self._model_step = jax.jit(self._model_step_fn, static_argnums=(3,), donate_argnums=(1,))
+        # Every step's sampled ids, padded to one shape (a step has at most max_num_seqs sequences), so
+        # that any step can take the previous step's ids as an input without a program per pair.
+        self.max_rows = config.max_num_seqs
+        self.last_tokens = jax.device_put(np.zeros(self.max_rows, np.int32), self.replicated)
+        self._model_step = jax.jit(self._model_step_fn, static_argnums=(4,), donate_argnums=(1,))
         self._sample = jax.jit(self._sample_fn, static_argnums=(3,))
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
@@ -148,30 +155,32 @@ class ModelRunner:
 
     # ---- device functions -------------------------------------------------------------------------
 
-    def _forward(self, state, kv_caches, ints, shape: StepShape):
+    def _forward(self, state, kv_caches, ints, prev_tokens, shape: StepShape):
         """Per device: the model on this step's tokens -> (logits [B, V_local] float32, caches)."""
         model = nnx.merge(self.graphdef, state)
         x = unpack(ints, shape)
         md = AttentionMetadata(
             x["slot_mapping"], x["block_tables"], x["context_lens"], x["cu_q_lens"], shape.is_prefill
         )
-        hidden, kv_caches = model(x["input_ids"], x["positions"], kv_caches, md)
+        src = x["src_rows"]
+        input_ids = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], x["input_ids"])
+        hidden, kv_caches = model(input_ids, x["positions"], kv_caches, md)
         logits = model.compute_logits(hidden[x["logits_idx"]])
         if self.mesh.size > 1:
             logits = jax.lax.all_gather(logits, TP_AXIS, axis=1, tiled=True)
         return logits, kv_caches
 
-    def _model_step_fn(self, state, kv_caches, ints, shape: StepShape):
+    def _model_step_fn(self, state, kv_caches, ints, prev_tokens, shape: StepShape):
         if self.mesh.size == 1:
-            return self._forward(state, kv_caches, ints, shape)
+            return self._forward(state, kv_caches, ints, prev_tokens, shape)
         cache_spec = [(P(None, TP_AXIS), P(None, TP_AXIS))] * len(kv_caches)
         return jax.shard_map(
-            lambda s, c, i: self._forward(s, c, i, shape),
+            lambda s, c, i, t: self._forward(s, c, i, t, shape),
             mesh=self.mesh,
-            in_specs=(self.state_specs, cache_spec, P()),  # weights per their plan; caches by kv head
+            in_specs=(self.state_specs, cache_spec, P(), P()),  # weights per their plan; caches by kv head
             out_specs=(P(), cache_spec),  # logits all-gathered over the vocab, so replicated
             check_vma=False,
-        )(state, kv_caches, ints)
+        )(state, kv_caches, ints, prev_tokens)
 
     def _sample_fn(self, logits, ints, floats, use_top_k_top_p: bool):
         B = floats.shape[0] // 2
@@ -179,7 +188,8 @@ class ModelRunner:
         # "rbg" (XLA's RngBitGenerator) draws the [B, V] Gumbel noise far cheaper on the GPU than the
         # default threefry; the stream is fixed by the seed and the step counter all the same.
         key = jax.random.fold_in(jax.random.key(self.seed, impl="rbg"), ints[-1])
-        return sample(logits, floats[:B], ints[-1 - B : -1], floats[B:], key, use_top_k_top_p=use_top_k_top_p)
+        tokens = sample(logits, floats[:B], ints[-1 - B : -1], floats[B:], key, use_top_k_top_p=use_top_k_top_p)
+        return jnp.zeros(self.max_rows, jnp.int32).at[:B].set(tokens)
 
     # ---- KV cache ------------------------------------------------------------------------------------
 
@@ -212,8 +222,10 @@ class ModelRunner:
             True, self.prefill_buckets[-1], min(self.prefill_buckets[-1], self.config.max_num_seqs), self.width
         )
         ints = np.zeros(sum(shape.layout().values()), np.int32)
-        ints[2 * shape.tokens : 3 * shape.tokens] = -1  # write nowhere
-        logits, one_block = self._model_step(self.state, one_block, jnp.asarray(ints), shape)
+        x = unpack(ints, shape)  # views into `ints`
+        x["slot_mapping"][:] = -1  # write nowhere
+        x["src_rows"][:] = -1
+        logits, one_block = self._model_step(self.state, one_block, jnp.asarray(ints), self.last_tokens, shape)
         logits.block_until_ready()
         del one_block, logits
         free = []
@@ -266,7 +278,7 @@ class ModelRunner:
         rep = self.replicated
         if isinstance(key, StepShape):
             ints = jax.ShapeDtypeStruct((sum(key.layout().values()),), jnp.int32, sharding=rep)
-            return self._model_step.lower(self.state, self.kv_caches, ints, key)
+            return self._model_step.lower(self.state, self.kv_caches, ints, self.last_tokens, key)
         seqs, ints_len, use_top_k_top_p = key
         ints = jax.ShapeDtypeStruct((ints_len,), jnp.int32, sharding=rep)
         floats = jax.ShapeDtypeStruct((2 * seqs,), jnp.float32, sharding=rep)
@@ -355,24 +367,36 @@ class ModelRunner:
         except Exception as e:  # saving is an optimisation; a read-only cache dir must not stop the engine
             warnings.warn(f"could not save compiled program to {self.executable_dir}: {e}", stacklevel=2)
 
-    def prepare(self, seqs: list[Sequence], is_prefill: bool):
-        """Host side of a step: (shape, packed int32 inputs, float32 inputs, use_top_k_top_p)."""
+    def prepare(self, seqs: list[Sequence], is_prefill: bool, prev: list[Sequence] | None = None):
+        """Host side of a step: (shape, packed int32 inputs, float32 inputs, use_top_k_top_p).
+
+        `prev`: the decode step still in flight before this decode step; its sampled tokens are not
+        appended to `seqs` yet, so each sequence computes the position after its last and takes its
+        input id from `prev`'s tokens on the device.
+        """
         n, bs = len(seqs), self.block_size
         counts = [s.num_scheduled_tokens for s in seqs] if is_prefill else [1] * n
         shape = self._shape(is_prefill, sum(counts), n)
         T, B, W = shape.tokens, shape.seqs, shape.width
-        starts = [s.num_cached_tokens for s in seqs] if is_prefill else [s.num_tokens - 1 for s in seqs]
         if is_prefill:
+            starts = [s.num_cached_tokens for s in seqs]
             ids = [t for s, a, c in zip(seqs, starts, counts) for t in s.token_ids[a : a + c]]
             positions = [p for a, c in zip(starts, counts) for p in range(a, a + c)]
             owner = [i for i, c in enumerate(counts) for _ in range(c)]
+            src = [-1] * len(ids)
+        elif prev is None:
+            starts = [s.num_tokens - 1 for s in seqs]
+            ids, positions, owner, src = [s.last_token for s in seqs], starts, range(n), [-1] * n
         else:
-            ids, positions, owner = [s.last_token for s in seqs], starts, range(n)
+            row = {id(s): i for i, s in enumerate(prev)}
+            starts = [s.num_tokens for s in seqs]
+            ids, positions, owner, src = [0] * n, starts, range(n), [row[id(s)] for s in seqs]
         slots = [seqs[i].block_table[p // bs] * bs + p % bs for i, p in zip(owner, positions)]
         ends = np.cumsum(counts, dtype=np.int32)
         pad_t, pad_b = [0] * (T - len(ids)), [0] * (B - n)
         x = dict(
             input_ids=ids + pad_t,
+            src_rows=src + [-1] * (T - len(ids)),
             positions=positions + pad_t,
             slot_mapping=slots + [-1] * (T - len(ids)),  # padded tokens write nowhere
             block_tables=[t for s in seqs for t in s.block_table + [0] * (W - len(s.block_table))]
@@ -391,11 +415,22 @@ class ModelRunner:
         use_top_k_top_p = any(s.top_k > 0 or s.top_p < 1.0 for s in seqs)
         return shape, ints, floats, use_top_k_top_p
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """One step for the scheduled sequences; returns one sampled token id per sequence."""
-        shape, ints, floats, use_top_k_top_p = self.prepare(seqs, is_prefill)
+    def dispatch(self, seqs: list[Sequence], is_prefill: bool, prev: list[Sequence] | None = None):
+        """Launches one step for the scheduled sequences (see `prepare` for `prev`) without waiting for
+        it; `collect` reads its sampled tokens."""
+        shape, ints, floats, use_top_k_top_p = self.prepare(seqs, is_prefill, prev)
         step, sampler = self._executables(shape, use_top_k_top_p)
         ints, floats = jax.device_put((ints, floats), self.replicated)
-        logits, self.kv_caches = step(self.state, self.kv_caches, ints)  # caches donated, rebound
-        tokens = sampler(logits, ints, floats)
-        return np.asarray(tokens)[: len(seqs)].tolist()  # the step's one host read
+        logits, self.kv_caches = step(self.state, self.kv_caches, ints, self.last_tokens)  # caches donated
+        self.last_tokens = sampler(logits, ints, floats)
+        return self.last_tokens, len(seqs)
+
+    @staticmethod
+    def collect(handle) -> list[int]:
+        """The sampled token ids of a dispatched step, one per sequence (the step's one host read)."""
+        tokens, n = handle
+        return np.asarray(tokens)[:n].tolist()
+
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        """One step for the scheduled sequences; returns one sampled token id per sequence."""
+        return self.collect(self.dispatch(seqs, is_prefill))

@@ -6,6 +6,9 @@ sequence, one token each). A prompt longer than the remaining token budget is ch
 steps instead of blocking the queue. When the KV cache runs out during decode, the newest running
 sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
 recomputed later (mostly from its own blocks, which stay in the prefix cache until reused).
+
+`schedule_ahead` schedules the decode step after an in-flight one before that step's tokens are known,
+so that the engine can launch it while the host post-processes the in-flight step.
 """
 
 from collections import deque
@@ -81,19 +84,46 @@ class Scheduler:
         self.running.extend(scheduled)
         return scheduled, False
 
+    def schedule_ahead(self, seqs: list[Sequence]) -> list[Sequence] | None:
+        """The decode step after the in-flight decode step of `seqs`, as `schedule` will see it once that
+        step's tokens are in, or None where that is not sure to be a decode step of these sequences.
+
+        Sequences that the in-flight step finishes by length are left out; one that it finishes by
+        EOS is computed once more and its result dropped (`postprocess` skips finished sequences).
+        Each gets the block for the token after its next (`ahead=1`); nothing is preempted here.
+        """
+        if self.waiting:  # the next step may admit them (a prefill step)
+            return None
+        ahead = [  # not finished yet, and not by the in-flight step's token
+            s
+            for s in seqs
+            if not s.is_finished
+            and s.num_completion_tokens + 1 < s.max_tokens
+            and s.num_tokens + 1 < self.max_model_len
+        ]
+        new_blocks = sum(self.block_manager.needs_block(s, ahead=1) for s in ahead)
+        if not ahead or new_blocks > self.block_manager.num_free_blocks:
+            return None
+        for seq in ahead:
+            self.block_manager.may_append(seq, ahead=1)  # seq.num_scheduled_tokens stays 1
+        return ahead
+
     def preempt(self, seq: Sequence):
         seq.status = SequenceStatus.WAITING
         seq.num_scheduled_tokens = 0
         self.block_manager.deallocate(seq)
         self.waiting.appendleft(seq)
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int]):
-        """Advance `seqs` past the step that `schedule` returned them for; `token_ids` are its samples."""
-        finished = False
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
+        """Advance `seqs` past the step that `schedule` returned them for; `token_ids` are its samples.
+        Returns the sequences this step finished. Already finished sequences are skipped: an EOS seen
+        after their step was scheduled ahead (see `schedule_ahead`)."""
+        finished = []
         for seq, token_id in zip(seqs, token_ids, strict=True):
+            if seq.is_finished:
+                continue
             self.block_manager.hash_blocks(seq)
             seq.num_cached_tokens += seq.num_scheduled_tokens
-            seq.num_scheduled_tokens = 0
             if seq.num_cached_tokens < seq.num_tokens:
                 continue  # a prefill chunk short of the last token: its sample is meaningless
             token_id = int(token_id)
@@ -105,6 +135,7 @@ class Scheduler:
             ):
                 seq.status = SequenceStatus.FINISHED
                 self.block_manager.deallocate(seq)
-                finished = True
+                finished.append(seq)
         if finished:
             self.running = deque(seq for seq in self.running if not seq.is_finished)
+        return finished
