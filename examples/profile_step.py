@@ -23,6 +23,7 @@ def main():
     p.add_argument("--batch", type=int, nargs="+", default=[1, 256])
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--sequence", type=int, default=0, help="also list the first N kernels of a step, in order")
     p.add_argument("--reference-attention", action="store_true", help="jnp reference kernels instead of Pallas")
     args = p.parse_args()
 
@@ -68,7 +69,7 @@ def main():
         jax.profiler.stop_trace()
         path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
         data = ProfileData.from_file(path)
-        kernels_ns, count = collections.Counter(), collections.Counter()
+        kernels_ns, count, events = collections.Counter(), collections.Counter(), []
         for plane in data.planes:
             if not plane.name.startswith("/device:GPU"):
                 continue
@@ -78,6 +79,7 @@ def main():
                 for ev in line.events:
                     kernels_ns[ev.name] += ev.duration_ns
                     count[ev.name] += 1
+                    events.append((ev.start_ns, ev.duration_ns, ev.name))
         busy = sum(kernels_ns.values()) / args.steps / 1e6
         n = sum(count.values()) / args.steps
         print(
@@ -86,6 +88,10 @@ def main():
         )
         for name, ns in kernels_ns.most_common(12):
             print(f"  {ns / args.steps / 1e3:9.1f} us  x{count[name] / args.steps:5.0f}  {name[:90]}")
+        if args.sequence:
+            print(f"  the first {args.sequence} kernels of a step, in order (us):")
+            for _, ns, name in sorted(events)[: args.sequence]:
+                print(f"    {ns / 1e3:7.1f}  {name[:100]}")
 
 
 if __name__ == "__main__":

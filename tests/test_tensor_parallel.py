@@ -45,10 +45,11 @@ def test_tp_matches_single_device(checkpoint, size):
 def test_weights_and_cache_are_sharded(checkpoint):
     llm = LLM(checkpoint("tiny-gqa4"), tensor_parallel_size=4, **SMALL)  # 8 q heads, 2 kv heads
     runner = llm.model_runner
-    qkv = runner.state["layers"][0]["attn"]["qkv"][...]
+    state = jax.tree.unflatten(runner.state_def, runner.state)
+    qkv = state["layers"][0]["attn"]["qkv"][...]
     # Per device: 2 q heads + 1 (replicated) k head + 1 v head, of head_dim 64; never the whole matrix.
     assert {s.data.shape for s in qkv.addressable_shards} == {(80, 4 * 64)}
-    embed = runner.state["embed"][...]
+    embed = state["embed"][...]
     assert {s.data.shape for s in embed.addressable_shards} == {(-(-777 // 4), 80)}  # vocab-parallel, padded
     k_cache = runner.kv_caches[0][0]
     assert k_cache.sharding.spec == jax.sharding.PartitionSpec(None, TP_AXIS)
