@@ -29,3 +29,18 @@ def check_query(q, k_cache, q_ndim_name):
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({num_kv_heads})")
     if q.dtype != k_cache.dtype:
         raise ValueError(f"q dtype {q.dtype} must match the cache dtype {k_cache.dtype}")
+
+
+def check_prefill(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens):
+    """The inputs of a prefill attention call (both prefill kernels and the reference's entry)."""
+    check_cache(k_cache, v_cache)
+    check_query(q, k_cache, "[tokens, q_heads, head_dim]")
+    check_int32("block_tables", block_tables, 2)
+    check_int32("cu_q_lens", cu_q_lens, 1)
+    check_int32("context_lens", context_lens, 1)
+    b = block_tables.shape[0]
+    if cu_q_lens.shape[0] != b + 1 or context_lens.shape[0] != b:
+        raise ValueError(
+            f"need cu_q_lens [B+1] and context_lens [B] for B={b} sequences,"
+            f" got {cu_q_lens.shape} and {context_lens.shape}"
+        )

@@ -251,6 +251,39 @@ def prefill_table():
     return rows
 
 
+def prefill_mgpu_table(tokens=None, variants=None):
+    """The Mosaic GPU prefill kernel (prefill_attention_mgpu.py) beside the Triton one, same inputs."""
+    from nanovllm_jax.kernels.prefill_attention_mgpu import paged_prefill_attention_mgpu
+
+    log("\n## prefill attention: Mosaic GPU kernel vs Triton kernel (TFLOP/s, causal FLOPs counted once)")
+    variants = variants or [
+        dict(),  # the entry's defaults (block_kv=64, num_stages=3, no ping-pong barrier)
+        dict(block_kv=64, num_stages=4),
+        dict(block_kv=64, num_stages=3, use_schedule_barrier=True),
+        dict(block_kv=128, num_stages=2),
+    ]
+    rows = []
+    for total in tokens or PREFILL_TOKENS:
+        q, kc, vc, tables, cu, ctx, flops, nseq = prefill_inputs(total, np.random.default_rng(total))
+        row = dict(tokens=total, seqs=nseq)
+        for name, fn in [("triton", paged_prefill_attention)] + [
+            (
+                "mgpu " + (",".join(f"{k}={v}" for k, v in kw.items()) or "default"),
+                functools.partial(paged_prefill_attention_mgpu, **kw),
+            )
+            for kw in variants
+        ]:
+            try:
+                sec = loop_time(lambda q, c, fn=fn: fn(q, *c), q, (kc, vc, tables, cu, ctx), ((),), est_s=flops / 3e14)
+                row[name] = round(flops / sec / 1e12, 1)
+                row[name + " us"] = round(sec * 1e6, 1)
+            except Exception as e:  # noqa: BLE001 (a variant that fails to compile is reported, not fatal)
+                row[name] = f"FAILED {type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
 def store_bench(pool):
     log("\n## KV store, 512 tokens into the pool cache, in place (caches donated)")
     rng = np.random.default_rng(9)
@@ -294,10 +327,22 @@ def main():
     parser.add_argument("--skip-decode", action="store_true", help="tables: prefill (and store) only")
     parser.add_argument("--pool-pages", type=int, default=8192, help="pages of the shared cache (4.3 GB)")
     parser.add_argument("--quick", action="store_true", help="batches 1, 8 and contexts 128, 1024 only")
+    parser.add_argument("--prefill-mgpu", action="store_true", help="only the Mosaic GPU vs Triton prefill table")
+    parser.add_argument("--prefill-tokens", default="", help="with --prefill-mgpu: packed token counts (8192,16384)")
+    parser.add_argument("--mgpu-variants", default="all", help="with --prefill-mgpu: 'default' or 'all' tunings")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     log(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, {now}")
+    if args.prefill_mgpu:
+        tokens = tuple(int(t) for t in args.prefill_tokens.split(",")) if args.prefill_tokens else None
+        variants = [dict()] if args.mgpu_variants == "default" else None
+        rows = prefill_mgpu_table(tokens, variants)
+        with open(os.path.join(args.out, "bench_prefill_mgpu.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        for r in rows:
+            print(" | ".join(f"{k}={v}" for k, v in r.items() if not k.endswith(" us")))
+        return
     copy_bw = copy_bandwidth()
     log(f"copy bandwidth (read + write): {copy_bw / 1e12:.2f} TB/s")
     global BATCHES, CONTEXTS, PREFILL_TOKENS

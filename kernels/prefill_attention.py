@@ -1,10 +1,13 @@
 """Prefill attention over packed variable-length prompts, each with an optional cached prefix.
 
-Backend: the Triton lowering of Pallas (as the decode kernel): keys and values come from pages picked by
-the block table, the ragged edges need masked loads and stores, and the kernel runs in interpret mode
-on the CPU for the tests. Measured on the H100 (jax 0.11.2, BENCHMARKS.md "## Kernels"): 145 TFLOP/s
-at 8k packed tokens and 160 at 16k (sequences of 512-639 tokens, causal FLOPs counted once), short of
-the 250 target; a Mosaic GPU (wgmma, TMA) version is the next step and was not written here.
+Backends, chosen by measurement (H100, jax 0.11.2, BENCHMARKS.md "## Kernels"; sequences of 512-639
+tokens, causal FLOPs counted once): on Hopper, bf16 inputs that `supports_mgpu` accepts go to the
+Mosaic GPU kernel in prefill_attention_mgpu.py (wgmma + TMA, bf16: 120 / 167 / 190 / 202 TFLOP/s at 2k / 4k /
+8k / 16k packed tokens), everything else to the Triton-lowered kernel here (113 / 134 / 145 / 160 in the
+same run), which also runs in interpret mode on the CPU for the tests. Neither reaches the 250 target.
+
+The Triton kernel: keys and values come from pages picked by the block table, the ragged edges need
+masked loads and stores.
 
 Work list: the packed new tokens are cut into blocks of `block_q` tokens that never straddle two
 sequences (a short jnp pass builds the list, bounded by cdiv(T, block_q) + B + 1 entries); the padded
@@ -26,7 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ._checks import check_cache, check_int32, check_query
+from ._checks import check_prefill as _check
+from .prefill_attention_mgpu import paged_prefill_attention_mgpu, supports_mgpu
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 MIN_ROWS = 16  # the smallest dot operand dimension of the Triton lowering
@@ -240,20 +244,6 @@ def paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu_q_le
     return o.astype(q.dtype)
 
 
-def _check(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens):
-    check_cache(k_cache, v_cache)
-    check_query(q, k_cache, "[tokens, q_heads, head_dim]")
-    check_int32("block_tables", block_tables, 2)
-    check_int32("cu_q_lens", cu_q_lens, 1)
-    check_int32("context_lens", context_lens, 1)
-    b = block_tables.shape[0]
-    if cu_q_lens.shape[0] != b + 1 or context_lens.shape[0] != b:
-        raise ValueError(
-            f"need cu_q_lens [B+1] and context_lens [B] for B={b} sequences,"
-            f" got {cu_q_lens.shape} and {context_lens.shape}"
-        )
-
-
 @functools.partial(jax.jit, static_argnames=("scale",))
 def _prefill_jnp(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, *, scale=None):
     return paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale=scale)
@@ -273,16 +263,28 @@ def paged_prefill_attention(
     block_k=None,
     num_warps=4,
     num_stages=2,
+    backend="auto",
 ):
     """Public entry; same contract as `paged_prefill_attention_reference`.
 
-    The CPU runs the jnp reference unless `interpret` (the kernel in interpret mode, for tests).
+    The CPU runs the jnp reference unless `interpret` (the Triton kernel in interpret mode, for tests).
+    `backend`: "auto" (Mosaic GPU where `supports_mgpu`, else Triton), "mosaic" or "triton".
     `block_q` (tokens per program; default 128 rows of tokens x group heads), `block_k` (keys per step),
     `num_warps` and `num_stages` tune the kernel; the defaults are within 5% of the best measured on the H100.
     """
     _check(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens)
+    if backend not in ("auto", "mosaic", "triton"):
+        raise ValueError(f"backend must be 'auto', 'mosaic' or 'triton', got {backend!r}")
     if jax.default_backend() == "cpu" and not interpret:
         return _prefill_jnp(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale=scale)
+    if backend != "triton" and not interpret:
+        if supports_mgpu(q, k_cache):
+            return paged_prefill_attention_mgpu(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale=scale)
+        if backend == "mosaic":
+            raise ValueError(
+                "the Mosaic GPU prefill kernel needs a Hopper GPU, bf16, head_dim 64 or 128 and a power-of-two "
+                "number of q heads per kv head (see supports_mgpu); use backend='triton' or 'auto'"
+            )
     _, num_kv_heads, block_size, head_dim = k_cache.shape
     if head_dim & (head_dim - 1) or head_dim < MIN_ROWS:
         raise ValueError(f"the kernel needs a power-of-two head_dim >= {MIN_ROWS}, got {head_dim}")
