@@ -13,21 +13,9 @@ import numpy as np
 import pytest
 from nanovllm_jax.kernels import paged_prefill_attention_reference
 from nanovllm_jax.kernels import prefill_attention_mgpu as mgpu
+from test_kernels import _paged_cache, _tables  # pytest puts tests/ on sys.path
 
 TOL = 2e-2  # max |out - ref| / max |ref| for bf16 / f16
-
-
-def _paged_cache(rng, num_pages, kv_heads, block_size, head_dim, dtype, tables, context_lens):
-    """Random K/V caches [S, K, P, H]; every slot outside the sequences' contexts holds NaN."""
-    shape = (num_pages, kv_heads, block_size, head_dim)
-    k, v = rng.standard_normal(shape), rng.standard_normal(shape)
-    owned = np.zeros((num_pages, block_size), bool)
-    for table, length in zip(tables, context_lens, strict=True):
-        for t in range(length):
-            owned[table[t // block_size], t % block_size] = True
-    k.transpose(0, 2, 1, 3)[~owned] = np.nan
-    v.transpose(0, 2, 1, 3)[~owned] = np.nan
-    return jnp.asarray(k, dtype), jnp.asarray(v, dtype)
 
 
 def _inputs(q_lens, prefix_lens, q_heads, kv_heads, head_dim, block_size, dtype, width, pad=0, seed=0):
@@ -35,7 +23,7 @@ def _inputs(q_lens, prefix_lens, q_heads, kv_heads, head_dim, block_size, dtype,
     batch = len(q_lens)
     context_lens = [a + b for a, b in zip(q_lens, prefix_lens, strict=True)]
     num_pages = batch * width + 2
-    tables = rng.permutation(num_pages)[: batch * width].reshape(batch, width).astype(np.int32)
+    tables = _tables(rng, batch, width, num_pages)
     k_cache, v_cache = _paged_cache(rng, num_pages, kv_heads, block_size, head_dim, dtype, tables, context_lens)
     q = jnp.asarray(rng.standard_normal((sum(q_lens) + pad, q_heads, head_dim)), dtype)
     cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
