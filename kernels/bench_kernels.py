@@ -151,10 +151,11 @@ def peer_variants(width):
 
 def tune_decode(pool, copy_bw):
     log("\n## decode tuning (us per call, % of copy bandwidth)")
-    cases = [(1, 4096), (64, 1024), (512, 4096)]
+    cases = [(1, 4096), (64, 1024), (256, 1024), (256, 4096), (512, 1024), (512, 4096)]
     variants = [dict(block_k=bk, num_warps=w, num_stages=s) for bk in (64, 128, 256) for w in (4, 8) for s in (2, 3)]
     for batch, ctx in cases:
-        for kw in variants:
+        splits = (8, 16) if batch == 1 else (1, 2)
+        for kw in [dict(v, num_splits=n) for v in variants for n in splits]:
             try:
                 sec, bw, _ = decode_case(pool, batch, ctx, ours(**kw))
                 log(f"decode B={batch} ctx={ctx} {kw}: {sec * 1e6:.1f} us {100 * bw / copy_bw:.0f}%")

@@ -3,8 +3,8 @@
 Backend: the Triton lowering of Pallas. Each program reads pages picked by a block table (a scalar
 load, then a dynamic slice of the cache), masks the ragged tail with masked loads (so NaN in slots past
 the context never enters a product), and runs in interpret mode on the CPU for the tests. Measured on
-the H100 (jax 0.11.2, BENCHMARKS.md "## Kernels"): 96-108% of the measured copy bandwidth (read + write,
-2.70 TB/s) at batch >= 64 and context >= 1024, 44% (14.0 us) at batch 1 and context 4096, 1.25-1.36x
+the H100 (jax 0.11.2, BENCHMARKS.md "## Kernels"): 98-108% of the measured copy bandwidth (read + write,
+2.72 TB/s) at batch >= 64 and context >= 1024, 45% (13.7 us) at batch 1 and context 4096, 1.29-1.42x
 the Triton peer `jax.experimental.pallas.ops.gpu.paged_attention` there. At that fraction of the memory
 ceiling a Mosaic GPU version could gain little, so none was written (not measured).
 
@@ -245,7 +245,7 @@ def paged_decode_attention(
     block_k=None,
     num_splits=None,
     num_warps=4,
-    num_stages=2,
+    num_stages=None,
 ):
     """Public entry; same contract as `paged_decode_attention_reference`.
 
@@ -258,10 +258,16 @@ def paged_decode_attention(
         return _decode_jnp(q, k_cache, v_cache, block_tables, context_lens, scale=scale)
     _, num_kv_heads, block_size, head_dim = k_cache.shape
     _check_head_dim(head_dim)
+    tuned = block_k is None and num_stages is None
     block_k = _block_k(block_size, head_dim, q.dtype, block_k)
     max_blocks = block_tables.shape[1] * block_size // block_k
     if num_splits is None:
         num_splits = _default_splits(q.shape[0], num_kv_heads, max_blocks)
+    if tuned and num_splits == 1 and block_k > 64:
+        # Enough (sequence, kv head) programs to fill the GPU: 64-key blocks three stages deep were the
+        # fastest measured at batch 256-512 (1-2% over 256-key blocks; 256 keys stay best with splits).
+        block_k, num_stages = 64, 3
+    num_stages = 2 if num_stages is None else num_stages
     scale = head_dim**-0.5 if scale is None else float(scale)
     return _decode_pallas(
         q,
