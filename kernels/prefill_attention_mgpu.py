@@ -41,9 +41,9 @@ to arithmetic. The ping-pong schedule barrier of attention_mgpu (`use_schedule_b
 here; blocks of 128 keys (2 stages) were 5-15% slower than 64 (3 stages); 4 stages of 64 matched 3.
 Tried and reverted (no gain, BENCHMARKS.md): issuing the next Q K^T before the softmax (ptxas scheduled
 it after the softmax anyway, reusing the score registers), page ids two steps ahead, and separate K and
-V memory warpgroups. Per-instruction stall sampling puts nearly as many samples (23% vs 30%) in the once-per-item code
-(first K wait, first Q K^T, last P V, epilogue) as in the key-step loop. JAX's dense attention_mgpu runs
-at 193 TFLOP/s on 512-token causal sequences on the same H100.
+V memory warpgroups. Per-instruction stall sampling puts nearly as many warp samples in the once-per-item
+code (first K wait, first Q K^T, last P V, epilogue: 23%) as in the key-step loop (30%). JAX's dense
+attention_mgpu runs at 193 TFLOP/s on 512-token causal sequences on the same H100.
 """
 
 import functools
