@@ -3,8 +3,9 @@
 Backends, chosen by measurement (H100, jax 0.11.2, BENCHMARKS.md "## Kernels"; sequences of 512-639
 tokens, causal FLOPs counted once): on Hopper, bf16 inputs that `supports_mgpu` accepts go to the
 Mosaic GPU kernel in prefill_attention_mgpu.py (wgmma + TMA, bf16: 120 / 167 / 190 / 202 TFLOP/s at 2k / 4k /
-8k / 16k packed tokens), everything else to the Triton-lowered kernel here (113 / 134 / 145 / 160 in the
-same run), which also runs in interpret mode on the CPU for the tests. Neither reaches the 250 target.
+8k / 16k packed tokens), everything else to the Triton-lowered kernel here (126 / 146 / 154 / 163 with its
+default 64-row tiles, measured 2026-11-24; 113 / 134 / 145 / 161 with 128-row tiles), which also runs in
+interpret mode on the CPU for the tests. Neither reaches the 250 target.
 
 The Triton kernel: keys and values come from pages picked by the block table, the ragged edges need
 masked loads and stores.
@@ -261,23 +262,31 @@ def paged_prefill_attention(
     interpret=False,
     block_q=None,
     block_k=None,
-    num_warps=4,
-    num_stages=2,
+    num_warps=None,
+    num_stages=None,
     backend="auto",
 ):
     """Public entry; same contract as `paged_prefill_attention_reference`.
 
     The CPU runs the jnp reference unless `interpret` (the Triton kernel in interpret mode, for tests).
-    `backend`: "auto" (Mosaic GPU where `supports_mgpu`, else Triton), "mosaic" or "triton".
-    `block_q` (tokens per program; default 128 rows of tokens x group heads), `block_k` (keys per step),
-    `num_warps` and `num_stages` tune the kernel; the defaults are within 5% of the best measured on the H100.
+    `backend`: "auto" (Mosaic GPU where `supports_mgpu` and no Triton tuning is given, else Triton),
+    "mosaic" or "triton". `block_q` (tokens per program; default 64 rows of tokens x group heads),
+    `block_k` (keys per step, default 64), `num_warps` (4) and `num_stages` (2) tune the Triton kernel;
+    the defaults are within 5% of the best measured on the H100. (The Mosaic kernel's own tuning is in
+    `prefill_attention_mgpu.paged_prefill_attention_mgpu`.)
     """
     _check(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens)
     if backend not in ("auto", "mosaic", "triton"):
         raise ValueError(f"backend must be 'auto', 'mosaic' or 'triton', got {backend!r}")
+    triton_tuning = any(x is not None for x in (block_q, block_k, num_warps, num_stages))
+    if backend == "mosaic" and triton_tuning:
+        raise ValueError(
+            "block_q, block_k, num_warps and num_stages tune the Triton kernel: drop them with backend='mosaic'"
+            " (prefill_attention_mgpu.paged_prefill_attention_mgpu takes the Mosaic kernel's tuning)"
+        )
     if jax.default_backend() == "cpu" and not interpret:
         return _prefill_jnp(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale=scale)
-    if backend != "triton" and not interpret:
+    if backend != "triton" and not interpret and not triton_tuning:
         if supports_mgpu(q, k_cache):
             return paged_prefill_attention_mgpu(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale=scale)
         if backend == "mosaic":
@@ -292,7 +301,7 @@ def paged_prefill_attention(
     if group & (group - 1):
         raise ValueError(f"the kernel needs a power-of-two q heads per kv head, got {group}")
     if block_q is None:
-        block_q = max(1, 128 // group)
+        block_q = max(1, 64 // group)  # 64 rows: 1-11% faster than 128 at 16k-2k tokens (H100)
     block_q = max(block_q, MIN_ROWS // group)  # at least 16 rows per dot
     if block_k is None:
         block_k = 64 if q.dtype == jnp.bfloat16 else 32  # fp32 tiles: shared memory
@@ -300,6 +309,8 @@ def paged_prefill_attention(
     if block_k < MIN_ROWS:
         raise ValueError(f"the page size {block_size} must be a multiple of {MIN_ROWS} for the kernel")
     scale = head_dim**-0.5 if scale is None else float(scale)
+    num_warps = 4 if num_warps is None else num_warps
+    num_stages = 2 if num_stages is None else num_stages
     return _prefill_pallas(
         q,
         k_cache,

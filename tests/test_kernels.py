@@ -241,6 +241,8 @@ def test_prefill_input_checks():
     with pytest.raises(ValueError, match="power-of-two q heads"):
         q6 = jnp.zeros((5, 6, 64), jnp.bfloat16)
         paged_prefill_attention(q6, cache, cache, tables, cu, lens, interpret=True)
+    with pytest.raises(ValueError, match="tune the Triton kernel"):
+        paged_prefill_attention(q, cache, cache, tables, cu, lens, backend="mosaic", block_k=16)
 
 
 # ------------------------------------------------------------------------------------------------- GPU
