@@ -39,6 +39,15 @@ def _paged_cache(rng, num_pages, kv_heads, block_size, head_dim, dtype, tables, 
     return jnp.asarray(k, dtype), jnp.asarray(v, dtype)
 
 
+def _caches_over_4gib():
+    """K and V caches of 8448 pages x 8 kv heads x 256 x 128 bf16: 4.4 GB each, past 2**31 elements."""
+    num_pages = 8448
+    shape = (num_pages, 8, 256, 128)
+    k_cache = jax.random.normal(jax.random.key(0), shape, jnp.bfloat16)
+    v_cache = jax.random.normal(jax.random.key(1), shape, jnp.bfloat16)
+    return num_pages, k_cache, v_cache
+
+
 def _tables(rng, batch, width, num_pages):
     """[B, W] permuted page ids, each page used once (table entries past a context point anywhere)."""
     return rng.permutation(num_pages)[: batch * width].reshape(batch, width).astype(np.int32)
@@ -298,10 +307,7 @@ def test_gpu_store_kv_qwen():
 @pytest.mark.gpu
 def test_gpu_cache_over_4gib():
     """Pages past 2**31 elements: the kernels' addresses must not wrap (the lowering switches to 64 bits)."""
-    num_pages = 8448  # 8448 x 8 x 256 x 128 bf16 = 4.4 GB per cache
-    shape = (num_pages, 8, 256, 128)
-    k_cache = jax.random.normal(jax.random.key(0), shape, jnp.bfloat16)
-    v_cache = jax.random.normal(jax.random.key(1), shape, jnp.bfloat16)
+    num_pages, k_cache, v_cache = _caches_over_4gib()
     k = jax.random.normal(jax.random.key(2), (300, 8, 128), jnp.bfloat16)
     slots = jnp.arange(300, dtype=jnp.int32) + (num_pages - 2) * 256  # the last two pages
     want_last = store_kv_reference(k_cache[-2:], v_cache[-2:], k, k, slots - (num_pages - 2) * 256)

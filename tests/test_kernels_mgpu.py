@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from nanovllm_jax.kernels import paged_prefill_attention_reference
 from nanovllm_jax.kernels import prefill_attention_mgpu as mgpu
-from test_kernels import _paged_cache, _tables  # pytest puts tests/ on sys.path
+from test_kernels import _caches_over_4gib, _paged_cache, _tables  # pytest puts tests/ on sys.path
 
 TOL = 2e-2  # max |out - ref| / max |ref| for bf16 / f16
 
@@ -171,10 +171,7 @@ def test_gpu_prefill_mgpu_tiny_batch():
 @pytest.mark.gpu
 def test_gpu_prefill_mgpu_cache_over_4gib():
     """Pages past 2**31 elements: the TMA coordinates must reach them."""
-    num_pages = 8448  # 8448 x 8 x 256 x 128 bf16 = 4.4 GB per cache
-    shape = (num_pages, 8, 256, 128)
-    k_cache = jax.random.normal(jax.random.key(0), shape, jnp.bfloat16)
-    v_cache = jax.random.normal(jax.random.key(1), shape, jnp.bfloat16)
+    num_pages, k_cache, v_cache = _caches_over_4gib()
     tables = jnp.asarray([[num_pages - 2, num_pages - 1]], jnp.int32)
     cu, lens = jnp.asarray([0, 300], jnp.int32), jnp.asarray([400], jnp.int32)
     q = jax.random.normal(jax.random.key(4), (300, 16, 128), jnp.bfloat16)
