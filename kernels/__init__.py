@@ -1,19 +1,28 @@
 """Pallas GPU kernels of nanovllm-jax, installed as `nanovllm_jax.kernels`.
 
-The KV cache layout, one for the whole engine: per layer, two arrays `k_cache` and `v_cache` of shape
-[S, K, P, H] (S pages, K kv heads, P = block size tokens per page, H head dim). A page of one head is
-one contiguous P x H tile, so attention kernels read each page of each head as one dense block, and the
-cache shards by kv head (axis 1) under tensor parallelism. A token's slot is page * P + offset.
+The KV cache layout, one for the whole engine, is defined in kv_layout.py (`kv_cache_shapes`): per layer
+a tuple of arrays with the kv-head axis at position 1 (the cache shards by kv head under tensor
+parallelism). "auto": `k_cache` and `v_cache` [S, K, P, H] (S pages, K kv heads, P = block size tokens
+per page, H head dim) in the model dtype; "fp8": uint8 pages of e4m3 bytes plus float32 scales
+[S, K, P]. A page of one head is one contiguous P x H tile, so attention kernels read each page of each
+head as one dense block. A token's slot is page * P + offset.
 
 Each kernel module holds the kernel, its `pallas_call` wrapper, one public jitted entry with input
 checks, and a pure-jnp `*_reference` with the same signature (what CPU runs use).
 """
 
-from .kv_store import store_kv, store_kv_reference
+from .kv_layout import KV_CACHE_DTYPES, is_fp8_cache, kv_cache_bytes, kv_cache_shapes
+from .kv_store import store_kv, store_kv_fp8, store_kv_fp8_reference, store_kv_reference
 from .paged_attention import paged_decode_attention, paged_decode_attention_reference
 from .prefill_attention import paged_prefill_attention, paged_prefill_attention_reference
 
 __all__ = [
+    "KV_CACHE_DTYPES",
+    "is_fp8_cache",
+    "kv_cache_bytes",
+    "kv_cache_shapes",
+    "store_kv_fp8",
+    "store_kv_fp8_reference",
     "store_kv",
     "store_kv_reference",
     "paged_decode_attention",

@@ -15,6 +15,14 @@ context is cut into `num_splits` equal runs of key blocks (cut at run time from 
 length), and a small jnp pass merges the partial softmaxes. A row with context length 0 outputs 0.
 fp32 caches run their dots as TF32 (relative error about 3e-4).
 
+fp8 caches (kv_layout.py: uint8 bytes of e4m3 plus a float32 scale per key/value row): each tile is
+loaded as uint8 and decoded in registers to q's dtype (exact: e4m3 fits bf16), the per-key scales
+multiply the scores' columns and the per-value scales the probabilities' columns, so no element is
+scaled. The bytes stay uint8 in memory; the decode is `decode_e4m3`: "native" (bitcast to
+float8_e4m3fn and the backend's conversion, the default: the faster of the two on the H200) or "int"
+(integer ops into a float16). Both are exact; BENCHMARKS.md has their speed, and why fp8 decode
+attention is not yet faster than bf16 (bound by its in-register work, not by memory).
+
 Addressing: the lowering computes element offsets in 32 bits (unsigned) for caches under 4 GiB and in
 64 bits above, so a large per-layer cache does not wrap (tested on the GPU with a 4.4 GB cache).
 """
@@ -29,11 +37,33 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ._checks import check_cache, check_int32, check_query
+from ._checks import check_cache_and_scales, check_int32, check_query
+from .kv_layout import FP8_DTYPE, dequantize_fp8
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 NUM_SMS = 132  # H100 SXM; only steers the split heuristic
 MIN_ROWS = 16  # the smallest dot operand dimension of the Triton lowering
+FP8_DECODE = "native"  # how the kernels turn e4m3 bytes into numbers: "native" or "int" (see `decode_e4m3`)
+
+
+def decode_e4m3(x, dtype, how):
+    """uint8 bytes of float8_e4m3fn -> `dtype` values times FP8_UNIT[how] (the caller's scale undoes it).
+
+    "native": bitcast to float8_e4m3fn and convert (the backend's own fp8 conversion).
+    "int": integer ops only. The e4m3 bits are placed in a float16: sign to bit 15, exponent and mantissa
+    (7 bits) to bits 13..7, so the float16 holds value * 2**-8 exactly, subnormals included (float16's
+    exponent bias is 8 above e4m3's, and a float16 subnormal is never flushed here), then converted.
+    """
+    if how == "native":
+        return lax.bitcast_convert_type(x, FP8_DTYPE).astype(dtype)
+    i = x.astype(jnp.int16)
+    bits = lax.shift_left(lax.bitwise_and(i, jnp.int16(0x80)), jnp.int16(8)) | lax.shift_left(
+        lax.bitwise_and(i, jnp.int16(0x7F)), jnp.int16(7)
+    )
+    return lax.bitcast_convert_type(bits, jnp.float16).astype(dtype)
+
+
+FP8_UNIT = {"native": 1.0, "int": 256.0}  # decode_e4m3 returns value / FP8_UNIT
 
 
 def _decode_kernel(
@@ -41,14 +71,18 @@ def _decode_kernel(
     lens_ref,  # [B] int32, whole
     q_ref,  # [B, N, H], whole (rows gathered)
     k_cache_ref,  # [S, K, P, H], whole
-    v_cache_ref,  # [S, K, P, H], whole
-    o_ref,  # [R, H] (R = G padded to 16): this (sequence, kv head, split)'s output
-    *stat_refs,  # split mode only: m [R], l [R] (running max and sum, base-2 logits)
+    v_cache_ref,  # [S, K, P, H], whole (uint8 e4m3 bytes with fp8)
+    *refs,  # fp8 only: k_scale, v_scale [S, K, P] whole; then o [R, H] (R = G padded to 16): this
+    # (sequence, kv head, split)'s output; split mode only: m [R], l [R] (running max and sum, base 2)
     group: int,
     block_k: int,
     num_splits: int,
     scale_log2: float,
+    fp8: str | None,
 ):
+    if fp8:
+        ks_ref, vs_ref, *refs = refs
+    o_ref, *stat_refs = refs
     b, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows, head_dim = o_ref.shape
     block_size = k_cache_ref.shape[2]
@@ -70,15 +104,24 @@ def _decode_kernel(
         offset = lax.rem(start, jnp.int32(block_size))
         valid = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0) < ctx  # [Bk]
         kv_mask = jnp.broadcast_to(valid[:, None], (block_k, head_dim))
-        k = plgpu.load(k_cache_ref.at[page, head, pl.ds(offset, block_k), :], mask=kv_mask, other=0.0)
-        v = plgpu.load(v_cache_ref.at[page, head, pl.ds(offset, block_k), :], mask=kv_mask, other=0.0)
-        s = plgpu.dot(q, k, trans_b=True) * scale_log2  # [R, Bk]
+        zero = 0 if fp8 else 0.0
+        k = plgpu.load(k_cache_ref.at[page, head, pl.ds(offset, block_k), :], mask=kv_mask, other=zero)
+        v = plgpu.load(v_cache_ref.at[page, head, pl.ds(offset, block_k), :], mask=kv_mask, other=zero)
+        if fp8:  # dequantize in registers: bytes to q's dtype here, the scales on scores and probabilities
+            unit = FP8_UNIT[fp8]
+            ks = plgpu.load(ks_ref.at[page, head, pl.ds(offset, block_k)], mask=valid, other=0.0)
+            vs = plgpu.load(vs_ref.at[page, head, pl.ds(offset, block_k)], mask=valid, other=0.0)
+            k, v = decode_e4m3(k, q.dtype, fp8), decode_e4m3(v, q.dtype, fp8)
+            s = plgpu.dot(q, k, trans_b=True) * (ks * (unit * scale_log2))[None, :]  # [R, Bk]
+        else:
+            s = plgpu.dot(q, k, trans_b=True) * scale_log2  # [R, Bk]
         s = jnp.where(valid[None, :], s, MASK_VALUE)
         m_next = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_next)
         p = jnp.exp2(s - m_next[:, None])
         l = l * alpha + p.sum(axis=1)
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        pv = p * (vs * FP8_UNIT[fp8])[None, :] if fp8 else p  # value row j is bytes_j * vs_j
+        acc = acc * alpha[:, None] + plgpu.dot(pv.astype(v.dtype), v)
         return acc, m_next, l
 
     acc = jnp.zeros((rows, head_dim), jnp.float32)
@@ -101,14 +144,19 @@ def _default_splits(batch, num_kv_heads, max_blocks):
     return max(1, min(1 << (want.bit_length() - 1), max_blocks))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "num_warps", "num_stages", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("scale", "block_k", "num_splits", "num_warps", "num_stages", "interpret", "fp8")
+)
 def _decode_pallas(
     q,
     k_cache,
     v_cache,
     block_tables,
     context_lens,
+    k_scale,
+    v_scale,
     *,
+    fp8,
     scale,
     block_k,
     num_splits,
@@ -127,6 +175,7 @@ def _decode_pallas(
         block_k=block_k,
         num_splits=num_splits,
         scale_log2=scale * math.log2(math.e),
+        fp8=fp8,
     )
     grid = (batch, num_kv_heads, num_splits)
     if split_mode:
@@ -152,13 +201,14 @@ def _decode_pallas(
             pl.no_block_spec,  # q [B, N, H]: the group's rows are gathered in the kernel
             pl.no_block_spec,  # k_cache [S, K, P, H]: pages read through the block table
             pl.no_block_spec,  # v_cache [S, K, P, H]
-        ],
+        ]
+        + [pl.no_block_spec] * (2 if fp8 else 0),  # fp8: k_scale, v_scale [S, K, P], read beside the pages
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="paged_decode_attention",
-    )(block_tables, context_lens, q, k_cache, v_cache)
+    )(block_tables, context_lens, q, k_cache, v_cache, *((k_scale, v_scale) if fp8 else ()))
     if split_mode:
         acc, m, l = outs  # [B, K, splits, R, H], [B, K, splits, R] x 2
         m_all = m.max(axis=2, keepdims=True)
@@ -170,12 +220,23 @@ def _decode_pallas(
     return o[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
 
 
-def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, *, scale=None):
+def gather_pages(cache, scale, tables):
+    """cache [S, K, P, H] (uint8 with `scale` [S, K, P]: fp8) at tables [..., W] -> float32 [..., K, W*P, H]."""
+    x = cache[tables]  # [..., W, K, P, H]
+    x = x.astype(jnp.float32) if scale is None else dequantize_fp8(x, scale[tables])
+    x = jnp.moveaxis(x, -3, -4)  # [..., K, W, P, H]
+    return x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], x.shape[-1])
+
+
+def paged_decode_attention_reference(
+    q, k_cache, v_cache, block_tables, context_lens, *, scale=None, k_scale=None, v_scale=None
+):
     """Decode attention in plain jnp.
 
     Args:
       q: [B, N, H] one query per sequence.
-      k_cache, v_cache: [S, K, P, H] paged cache (see `nanovllm_jax.kernels`).
+      k_cache, v_cache: [S, K, P, H] paged cache (see `nanovllm_jax.kernels`); with k_scale and v_scale
+        [S, K, P] float32 the fp8 layout (uint8 e4m3 bytes, kv_layout.py), dequantized on read.
       block_tables: [B, W] int32 page ids per sequence; entries past the context are never read
         for their values (they may point at any page, even one holding NaN).
       context_lens: [B] int32 tokens in the cache per sequence (0 for a padded row: output 0).
@@ -187,22 +248,22 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_
     _, K, P, _ = k_cache.shape
     W = block_tables.shape[1]
     scale = H**-0.5 if scale is None else scale
-    k = k_cache[block_tables].transpose(0, 2, 1, 3, 4).reshape(B, K, W * P, H)  # [B, K, L, H]
-    v = v_cache[block_tables].transpose(0, 2, 1, 3, 4).reshape(B, K, W * P, H)
+    k = gather_pages(k_cache, k_scale, block_tables)  # [B, K, L, H] float32
+    v = gather_pages(v_cache, v_scale, block_tables)
     valid = jnp.arange(W * P)[None, :] < context_lens[:, None]  # [B, L]
     qg = q.reshape(B, K, N // K, H).astype(jnp.float32)
-    s = jnp.einsum("bkgh,bklh->bkgl", qg, k.astype(jnp.float32)) * scale
+    s = jnp.einsum("bkgh,bklh->bkgl", qg, k) * scale
     s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.where(valid[:, None, None, :], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    v = jnp.where(valid[:, None, :, None], v.astype(jnp.float32), 0.0)  # NaN pages must not leak
+    v = jnp.where(valid[:, None, :, None], v, 0.0)  # NaN pages must not leak
     o = jnp.einsum("bkgl,bklh->bkgh", p, v) / jnp.where(denom > 0, denom, 1.0)
     return o.reshape(B, N, H).astype(q.dtype)
 
 
-def _check(q, k_cache, v_cache, block_tables, context_lens):
-    check_cache(k_cache, v_cache)
+def _check(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale):
+    check_cache_and_scales(k_cache, v_cache, k_scale, v_scale)
     check_query(q, k_cache, "[batch, q_heads, head_dim]")
     check_int32("block_tables", block_tables, 2)
     check_int32("context_lens", context_lens, 1)
@@ -229,8 +290,10 @@ def _check_head_dim(head_dim):
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
-def _decode_jnp(q, k_cache, v_cache, block_tables, context_lens, *, scale=None):
-    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale=scale)
+def _decode_jnp(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale, *, scale=None):
+    return paged_decode_attention_reference(
+        q, k_cache, v_cache, block_tables, context_lens, scale=scale, k_scale=k_scale, v_scale=v_scale
+    )
 
 
 def paged_decode_attention(
@@ -241,11 +304,14 @@ def paged_decode_attention(
     context_lens,
     *,
     scale=None,
+    k_scale=None,
+    v_scale=None,
     interpret=False,
     block_k=None,
     num_splits=None,
     num_warps=4,
     num_stages=None,
+    fp8_decode=None,
 ):
     """Public entry; same contract as `paged_decode_attention_reference`.
 
@@ -253,13 +319,14 @@ def paged_decode_attention(
     `block_k` (keys per step), `num_splits` (context splits; default from batch x kv heads), `num_warps`
     and `num_stages` tune the kernel; the defaults are within 3% of the best measured on the H100.
     """
-    _check(q, k_cache, v_cache, block_tables, context_lens)
+    _check(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale)
     if jax.default_backend() == "cpu" and not interpret:
-        return _decode_jnp(q, k_cache, v_cache, block_tables, context_lens, scale=scale)
+        return _decode_jnp(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale, scale=scale)
     _, num_kv_heads, block_size, head_dim = k_cache.shape
     _check_head_dim(head_dim)
+    fp8 = None if k_scale is None else (fp8_decode or FP8_DECODE)
     tuned = block_k is None and num_stages is None
-    block_k = _block_k(block_size, head_dim, q.dtype, block_k)
+    block_k = _block_k(block_size, head_dim, q.dtype, block_k)  # fp8: the tile is decoded to q's dtype
     max_blocks = block_tables.shape[1] * block_size // block_k
     if num_splits is None:
         num_splits = _default_splits(q.shape[0], num_kv_heads, max_blocks)
@@ -275,6 +342,9 @@ def paged_decode_attention(
         v_cache,
         block_tables,
         context_lens,
+        k_scale,
+        v_scale,
+        fp8=fp8,
         scale=scale,
         block_k=block_k,
         num_splits=num_splits,

@@ -18,6 +18,10 @@ head as the rows of one [block_q * G, H] tile, so each K/V block is read once fo
 without repeated K/V). Keys are read from the paged cache (the engine stores the new tokens first),
 causal by position: blocks wholly below the block's first position run without a mask, the rest with
 the causal mask and masked loads (slots past the context may hold anything, NaN included).
+
+fp8 caches (kv_layout.py) go to the Triton kernel: it decodes the e4m3 bytes in registers like the decode
+kernel (`paged_attention.decode_e4m3`) and applies the per-key scales to the scores and the per-value
+scales to the probabilities. The Mosaic GPU kernel takes bf16 caches only.
 """
 
 import functools
@@ -31,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ._checks import check_prefill as _check
+from .paged_attention import FP8_DECODE, FP8_UNIT, decode_e4m3, gather_pages
 from .prefill_attention_mgpu import paged_prefill_attention_mgpu, supports_mgpu
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -42,14 +47,18 @@ def _prefill_kernel(
     tables_ref,  # [B, W] int32, whole
     q_ref,  # [T, N, H], whole (the block's rows are gathered)
     k_cache_ref,  # [S, K, P, H], whole
-    v_cache_ref,  # [S, K, P, H], whole
-    o_ref,  # [T, N, H], whole (the block's rows are scattered, masked)
-    *,
+    v_cache_ref,  # [S, K, P, H], whole (uint8 e4m3 bytes with fp8)
+    *refs,  # fp8 only: k_scale, v_scale [S, K, P] whole; then o [T, N, H] whole (rows scattered, masked)
     group: int,
     block_q: int,
     block_k: int,
     scale_log2: float,
+    fp8: str | None,
 ):
+    if fp8:
+        ks_ref, vs_ref, o_ref = refs
+    else:
+        (o_ref,) = refs
     blk, head = pl.program_id(0), pl.program_id(1)
     num_tokens, _, head_dim = q_ref.shape
     block_size = k_cache_ref.shape[2]
@@ -81,29 +90,42 @@ def _prefill_kernel(
             page = tables_ref[seq, lax.div(start, jnp.int32(block_size))]
             return (page, head, pl.ds(lax.rem(start, jnp.int32(block_size)), block_k), slice(None))
 
-        def update(carry, k, v, allowed):
+        def update(carry, k, v, allowed, scales=None):
             acc, m, l = carry
-            s = plgpu.dot(q, k, trans_b=True)  # [M, Bk] base-2 logits
+            if fp8:  # dequantize in registers: bytes to q's dtype, the scales on scores and probabilities
+                ks, vs = scales
+                k, v = decode_e4m3(k, q.dtype, fp8), decode_e4m3(v, q.dtype, fp8)
+                s = plgpu.dot(q, k, trans_b=True) * (ks * FP8_UNIT[fp8])[None, :]  # [M, Bk] base-2 logits
+            else:
+                s = plgpu.dot(q, k, trans_b=True)  # [M, Bk] base-2 logits
             if allowed is not None:
                 s = jnp.where(allowed, s, MASK_VALUE)
             m_next = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_next)
             p = jnp.exp2(s - m_next[:, None])
             l = l * alpha + p.sum(axis=1)
-            acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+            pv = p * (vs * FP8_UNIT[fp8])[None, :] if fp8 else p  # value row j is bytes_j * vs_j
+            acc = acc * alpha[:, None] + plgpu.dot(pv.astype(v.dtype), v)
             return acc, m_next, l
 
         def full_step(i, carry):
             idx = kv_slice(i)
-            return update(carry, k_cache_ref[idx], v_cache_ref[idx], None)
+            scales = (ks_ref[idx[:3]], vs_ref[idx[:3]]) if fp8 else None
+            return update(carry, k_cache_ref[idx], v_cache_ref[idx], None, scales)
 
         def masked_step(i, carry):
             idx = kv_slice(i)
             k_pos = i * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
             kv_mask = jnp.broadcast_to((k_pos < kv_end)[:, None], (block_k, head_dim))
-            k = plgpu.load(k_cache_ref.at[idx], mask=kv_mask, other=0.0)
-            v = plgpu.load(v_cache_ref.at[idx], mask=kv_mask, other=0.0)
-            return update(carry, k, v, k_pos[None, :] <= row_pos[:, None])
+            zero = 0 if fp8 else 0.0
+            k = plgpu.load(k_cache_ref.at[idx], mask=kv_mask, other=zero)
+            v = plgpu.load(v_cache_ref.at[idx], mask=kv_mask, other=zero)
+            scales = None
+            if fp8:  # NaN scales past the context must not reach a product
+                ks = plgpu.load(ks_ref.at[idx[:3]], mask=k_pos < kv_end, other=0.0)
+                vs = plgpu.load(vs_ref.at[idx[:3]], mask=k_pos < kv_end, other=0.0)
+                scales = (ks, vs)
+            return update(carry, k, v, k_pos[None, :] <= row_pos[:, None], scales)
 
         carry = (
             jnp.zeros((rows, head_dim), jnp.float32),
@@ -150,7 +172,7 @@ def _work_list(cu_q_lens, context_lens, num_tokens, block_q):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "block_q", "block_k", "num_warps", "num_stages", "interpret"),
+    static_argnames=("scale", "block_q", "block_k", "num_warps", "num_stages", "interpret", "fp8"),
 )
 def _prefill_pallas(
     q,
@@ -159,7 +181,10 @@ def _prefill_pallas(
     block_tables,
     cu_q_lens,
     context_lens,
+    k_scale,
+    v_scale,
     *,
+    fp8,
     scale,
     block_q,
     block_k,
@@ -180,6 +205,7 @@ def _prefill_pallas(
         block_q=block_q,
         block_k=block_k,
         scale_log2=scale * math.log2(math.e),
+        fp8=fp8,
     )
     o = pl.pallas_call(
         kernel,
@@ -190,24 +216,28 @@ def _prefill_pallas(
             pl.no_block_spec,  # q [T, N, H]: the block's (token, head) rows are gathered
             pl.no_block_spec,  # k_cache [S, K, P, H]: pages read through the block table
             pl.no_block_spec,  # v_cache [S, K, P, H]
-        ],
+        ]
+        + [pl.no_block_spec] * (2 if fp8 else 0),  # fp8: k_scale, v_scale [S, K, P], read beside the pages
         out_specs=pl.no_block_spec,  # o [T, N, H]: the block's live rows are scattered
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="paged_prefill_attention",
-    )(work, block_tables, q, k_cache, v_cache)
+    )(work, block_tables, q, k_cache, v_cache, *((k_scale, v_scale) if fp8 else ()))
     return o[:num_tokens] if pad else o
 
 
-def paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, *, scale=None):
+def paged_prefill_attention_reference(
+    q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, *, scale=None, k_scale=None, v_scale=None
+):
     """Causal prefill attention in plain jnp, reading all keys/values from the paged cache.
 
     The new tokens' K/V must already be stored in the cache (the engine stores, then attends).
 
     Args:
       q: [T, N, H] the new tokens of all sequences, packed; rows past cu_q_lens[-1] are padding (output 0).
-      k_cache, v_cache: [S, K, P, H] paged cache.
+      k_cache, v_cache: [S, K, P, H] paged cache; with k_scale and v_scale [S, K, P] float32 the fp8
+        layout (uint8 e4m3 bytes, kv_layout.py), dequantized on read.
       block_tables: [B, W] int32 page ids per sequence.
       cu_q_lens: [B + 1] int32 cumulative new-token counts (cu_q_lens[0] == 0; padded sequences add 0).
       context_lens: [B] int32 total tokens per sequence (cached prefix + new tokens). The i-th new token
@@ -229,8 +259,8 @@ def paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu_q_le
 
     def one_token(args):
         q_t, table, p = args  # [N, H], [W], []
-        k = k_cache[table].transpose(1, 0, 2, 3).reshape(K, W * P, H).astype(jnp.float32)
-        v = v_cache[table].transpose(1, 0, 2, 3).reshape(K, W * P, H).astype(jnp.float32)
+        k = gather_pages(k_cache, k_scale, table)  # [K, L, H] float32
+        v = gather_pages(v_cache, v_scale, table)
         valid = jnp.arange(W * P) <= p
         s = jnp.einsum("kgh,klh->kgl", q_t.reshape(K, N // K, H).astype(jnp.float32), k) * scale
         s = jnp.where(valid, s, -jnp.inf)
@@ -246,8 +276,10 @@ def paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu_q_le
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
-def _prefill_jnp(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, *, scale=None):
-    return paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale=scale)
+def _prefill_jnp(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, k_scale, v_scale, *, scale=None):
+    return paged_prefill_attention_reference(
+        q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale=scale, k_scale=k_scale, v_scale=v_scale
+    )
 
 
 def paged_prefill_attention(
@@ -259,12 +291,15 @@ def paged_prefill_attention(
     context_lens,
     *,
     scale=None,
+    k_scale=None,
+    v_scale=None,
     interpret=False,
     block_q=None,
     block_k=None,
     num_warps=None,
     num_stages=None,
     backend="auto",
+    fp8_decode=None,
 ):
     """Public entry; same contract as `paged_prefill_attention_reference`.
 
@@ -273,9 +308,13 @@ def paged_prefill_attention(
     "mosaic" or "triton". `block_q` (tokens per program; default 64 rows of tokens x group heads),
     `block_k` (keys per step, default 64), `num_warps` (4) and `num_stages` (2) tune the Triton kernel;
     the defaults are within 5% of the best measured on the H100. (The Mosaic kernel's own tuning is in
-    `prefill_attention_mgpu.paged_prefill_attention_mgpu`.)
+    `prefill_attention_mgpu.paged_prefill_attention_mgpu`.) An fp8 cache (`k_scale`/`v_scale` given) runs
+    the Triton kernel ("auto") or raises ValueError ("mosaic").
     """
-    _check(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens)
+    _check(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, k_scale, v_scale)
+    fp8 = None if k_scale is None else (fp8_decode or FP8_DECODE)
+    if fp8 and backend == "mosaic":
+        raise ValueError("the Mosaic GPU prefill kernel reads bf16 caches only; fp8 caches run backend='triton'")
     if backend not in ("auto", "mosaic", "triton"):
         raise ValueError(f"backend must be 'auto', 'mosaic' or 'triton', got {backend!r}")
     triton_tuning = any(x is not None for x in (block_q, block_k, num_warps, num_stages))
@@ -285,8 +324,8 @@ def paged_prefill_attention(
             " (prefill_attention_mgpu.paged_prefill_attention_mgpu takes the Mosaic kernel's tuning)"
         )
     if jax.default_backend() == "cpu" and not interpret:
-        return _prefill_jnp(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale=scale)
-    if backend != "triton" and not interpret and not triton_tuning:
+        return _prefill_jnp(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, k_scale, v_scale, scale=scale)
+    if backend != "triton" and not interpret and not triton_tuning and not fp8:
         if supports_mgpu(q, k_cache):
             return paged_prefill_attention_mgpu(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, scale=scale)
         if backend == "mosaic":
@@ -318,6 +357,9 @@ def paged_prefill_attention(
         block_tables,
         cu_q_lens,
         context_lens,
+        k_scale,
+        v_scale,
+        fp8=fp8,
         scale=scale,
         block_q=block_q,
         block_k=block_k,

@@ -27,19 +27,27 @@ class AttentionMetadata:
     is_prefill: bool = field(metadata=dict(static=True))
 
 
-def paged_attention(q, k, v, k_cache, v_cache, md: AttentionMetadata, impl: str = "auto"):
-    """q [T, N, H], k/v [T, K, H]; caches [S, K, P, H]. Returns (out [T, N, H], k_cache, v_cache).
+def paged_attention(q, k, v, kv_cache: tuple, md: AttentionMetadata, impl: str = "auto"):
+    """q [T, N, H], k/v [T, K, H]; kv_cache: one layer's cache tuple (`kernels.kv_cache_shapes`).
 
+    Returns (out [T, N, H], the updated cache tuple). The layout is read from the tuple: `(k_cache,
+    v_cache)` [S, K, P, H] in the model dtype, or fp8's `(k_cache, v_cache, k_scale, v_scale)` (uint8
+    pages, float32 scales [S, K, P]); the store quantizes and attention dequantizes in registers.
     impl "auto" uses the kernels' public entries (Pallas on GPU, their jnp references on CPU);
     "reference" forces the jnp references everywhere (for parity checks).
     """
     ref = impl == "reference"
-    store = kernels.store_kv_reference if ref else kernels.store_kv
-    k_cache, v_cache = store(k_cache, v_cache, k, v, md.slot_mapping)
+    if kernels.is_fp8_cache(kv_cache):
+        store = kernels.store_kv_fp8_reference if ref else kernels.store_kv_fp8
+    else:
+        store = kernels.store_kv_reference if ref else kernels.store_kv
+    kv_cache = tuple(store(*kv_cache, k, v, md.slot_mapping))
+    k_cache, v_cache, *scales = kv_cache
+    scale_kw = dict(zip(("k_scale", "v_scale"), scales, strict=False))  # empty for the "auto" layout
     if md.is_prefill:
         if ref:
             out = kernels.paged_prefill_attention_reference(
-                q, k_cache, v_cache, md.block_tables, md.cu_q_lens, md.context_lens
+                q, k_cache, v_cache, md.block_tables, md.cu_q_lens, md.context_lens, **scale_kw
             )
         else:
             # The Triton kernel, not the faster Mosaic GPU one (1.07-1.31x per call): measured on the H100 with
@@ -47,10 +55,10 @@ def paged_attention(q, k, v, k_cache, v_cache, md: AttentionMetadata, impl: str 
             # small share of a prefill step) and the cold start-up took 90.6 s, against 51-86 s without it
             # (the start-up target is 90 s). `kernels.paged_prefill_attention` alone defaults to Mosaic.
             out = kernels.paged_prefill_attention(
-                q, k_cache, v_cache, md.block_tables, md.cu_q_lens, md.context_lens, backend="triton"
+                q, k_cache, v_cache, md.block_tables, md.cu_q_lens, md.context_lens, backend="triton", **scale_kw
             )
     else:
         # Decode: one new token per sequence, so T == B.
         fn = kernels.paged_decode_attention_reference if ref else kernels.paged_decode_attention
-        out = fn(q, k_cache, v_cache, md.block_tables, md.context_lens)
-    return out, k_cache, v_cache
+        out = fn(q, k_cache, v_cache, md.block_tables, md.context_lens, **scale_kw)
+    return out, kv_cache

@@ -126,7 +126,7 @@ class Qwen3Attention(nnx.Module):
         self.k_norm = RMSNorm(self.h, a.rms_norm_eps, a.dtype) if a.qk_norm else None
         self.theta, self.tp_axis, self.attn_impl = a.rope_theta, tp_axis, attn_impl
 
-    def __call__(self, x, positions, k_cache, v_cache, md: AttentionMetadata):
+    def __call__(self, x, positions, kv_cache: tuple, md: AttentionMetadata):
         T = x.shape[0]
         qkv = jnp.einsum("TD,DF->TF", x, self.qkv[...])
         if self.qkv_bias is not None:
@@ -136,9 +136,9 @@ class Qwen3Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, self.theta), apply_rope(k, positions, self.theta)
-        o, k_cache, v_cache = paged_attention(q, k, v, k_cache, v_cache, md, self.attn_impl)
+        o, kv_cache = paged_attention(q, k, v, kv_cache, md, self.attn_impl)
         out = jnp.einsum("TF,FD->TD", o.reshape(T, self.n * self.h), self.o[...])
-        return _all_reduce(out, self.tp_axis), k_cache, v_cache
+        return _all_reduce(out, self.tp_axis), kv_cache
 
 
 class Qwen3MLP(nnx.Module):
@@ -160,11 +160,11 @@ class Qwen3DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.dtype)
         self.mlp = Qwen3MLP(a, tp_axis)
 
-    def __call__(self, x, positions, k_cache, v_cache, md):
-        h, k_cache, v_cache = self.attn(self.input_norm(x), positions, k_cache, v_cache, md)
+    def __call__(self, x, positions, kv_cache: tuple, md):
+        h, kv_cache = self.attn(self.input_norm(x), positions, kv_cache, md)
         x = x + h
         x = x + self.mlp(self.post_attn_norm(x))
-        return x, k_cache, v_cache
+        return x, kv_cache
 
 
 class Qwen3ForCausalLM(nnx.Module):
@@ -182,12 +182,17 @@ class Qwen3ForCausalLM(nnx.Module):
         self.lm_head = None if a.tie_word_embeddings else _param((a.hidden_size, a.vocab_size), a.dtype)  # [D, V]
 
     def __call__(self, input_ids, positions, kv_caches, md: AttentionMetadata):
-        """input_ids, positions [T] int32; kv_caches: a list of (k_cache, v_cache) per layer."""
+        """input_ids, positions [T] int32; kv_caches: a list with one cache tuple per layer.
+
+        Each layer's cache is opaque here: `(k_cache, v_cache)` or fp8's `(k_cache, v_cache, k_scale,
+        v_scale)` (`kernels.kv_cache_shapes`); the attention layer reads the layout from it. Returns the
+        hidden states and the list of updated cache tuples (same structure).
+        """
         x = self._embed(input_ids)
         new_caches = []
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
-            x, k_cache, v_cache = layer(x, positions, k_cache, v_cache, md)
-            new_caches.append((k_cache, v_cache))
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x, kv_cache = layer(x, positions, tuple(kv_cache), md)
+            new_caches.append(kv_cache)
         return self.norm(x), new_caches
 
     def _embed(self, ids):

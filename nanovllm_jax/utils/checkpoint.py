@@ -14,6 +14,7 @@ import os
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SIZES = {
     # GQA 2, tied, head_dim 64, vocab not a power of two.
@@ -169,19 +170,23 @@ def random_weights(cfg: dict, seed: int):
         yield "lm_head.weight", normal(v, d)
 
 
-def write_tokenizer(path: str, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
+    """A byte-level BPE (Qwen's kind) of at most `vocab_size` tokens, the special tokens first, on `texts`."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=min(vocab_size, 600),
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, path: str, model_max_length: int = 131072):
+    """`tok` as a Hugging Face fast tokenizer in `path` (tokenizer.json, tokenizer_config.json)."""
     tok.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump(
@@ -191,11 +196,16 @@ def write_tokenizer(path: str, vocab_size: int):
                 pad_token="<|endoftext|>",
                 bos_token=None,
                 chat_template=CHAT_TEMPLATE,
-                model_max_length=131072,
+                model_max_length=model_max_length,
             ),
             f,
             indent=1,
         )
+
+
+def write_tokenizer(path: str, vocab_size: int):
+    tok = train_tokenizer([_CORPUS] * 4, min(vocab_size, 600))
+    save_tokenizer(tok, path)
     return tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
 
 
