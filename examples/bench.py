@@ -82,23 +82,22 @@ def main():
     p.add_argument("--max-num-seqs", type=int, help="engine default 512 (64 on CPU)")
     p.add_argument("--max-num-batched-tokens", type=int, help="engine default 16384 (2048 on CPU)")
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
-    p.add_argument(
-        "--enforce-eager", action="store_true", help="compile each bucket on first use, not at start-up"
-    )
-    p.add_argument(
-        "--cache-dir", help="persistent compilation cache dir (default: the engine's, or JAX's setting)"
-    )
-    p.add_argument(
-        "--startup-only", action="store_true", help="build the LLM, print its start-up time, and exit"
-    )
+    p.add_argument("--enforce-eager", action="store_true", help="compile each bucket on first use, not at start-up")
+    p.add_argument("--cache-dir", help="persistent compilation cache dir (default: the engine's, or JAX's setting)")
+    p.add_argument("--startup-only", action="store_true", help="build the LLM, print its start-up time, and exit")
     p.add_argument(
         "--sync", action="store_true", help="turn async scheduling off (each step scheduled after the last is read)"
     )
+    p.add_argument("--decode-window", type=int, default=8, help="decode steps per device call (LLM decode_window)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="LLM kv_cache_dtype")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
 
     import jax
 
+    from nanovllm_jax.engine.runtime import apply_runtime_defaults
+
+    apply_runtime_defaults()  # the engine's XLA flags, before anything below starts JAX's backend
     if args.cache_dir:  # before the LLM is built, so the engine keeps it instead of its default
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -137,12 +136,14 @@ def main():
         max_model_len=args.max_model_len,
         tensor_parallel_size=args.tp,
         enforce_eager=args.enforce_eager,
+        decode_window=args.decode_window,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     startup = time.perf_counter() - t
     runner = llm.model_runner
     print(
-        f"Start-up: {startup:.2f}s (weights, KV cache of {runner.num_blocks} blocks, "
-        f"{len(runner.compiled)} compiled programs; compilation cache {jax.config.jax_compilation_cache_dir})"
+        f"Start-up: {startup:.2f}s (weights, KV cache of {runner.num_blocks} blocks ({args.kv_cache_dtype}), "
+        f"{len(runner.programs)} compiled programs; compilation cache {jax.config.jax_compilation_cache_dir})"
     )
     result = dict(
         model=model,
@@ -153,12 +154,12 @@ def main():
         tp=args.tp,
         startup_s=startup,
         num_kv_blocks=runner.num_blocks,
-        compiled_programs=len(runner.compiled),
+        compiled_programs=len(runner.programs),
         cache_dir=jax.config.jax_compilation_cache_dir,
     )
     if args.startup_only:
         print(
-            f"summary: startup={startup:.2f}s programs={len(runner.compiled)} "
+            f"summary: startup={startup:.2f}s programs={len(runner.programs)} "
             f"cache_dir={jax.config.jax_compilation_cache_dir}"
         )
         write_json(args.json, result)
@@ -168,19 +169,12 @@ def main():
     llm.async_scheduling = not args.sync
     llm.generate(["Benchmark: "], SamplingParams())
     # The host's share: time spent waiting for a step's tokens (the device is busy then) vs the rest.
-    collect, waits = runner.collect, []
-
-    def timed_collect(handle):
-        t = time.perf_counter()
-        out = collect(handle)
-        waits.append(time.perf_counter() - t)
-        return out
-
-    runner.collect = timed_collect
+    before = dict(llm.stats)
     t = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t
-    runner.collect = collect
+    stats = {k: v - before[k] for k, v in llm.stats.items()}
+    wait, steps = stats["device_wait_s"], stats["decode_steps"]
     total = sum(sp.max_tokens for sp in params)
     prompt_tokens = sum(map(len, prompts))
     generated = sum(len(o["token_ids"]) for o in outputs)
@@ -189,8 +183,9 @@ def main():
     throughput = total / elapsed
     print(f"Total: {total}tok, Time: {elapsed:.2f}s, Throughput: {throughput:.2f}tok/s")
     print(
-        f"Steps: {len(waits)}, waiting for the device {sum(waits):.2f}s, host work {elapsed - sum(waits):.2f}s "
-        f"({(elapsed - sum(waits)) / len(waits) * 1e3:.2f} ms/step), async scheduling {'off' if args.sync else 'on'}"
+        f"Decode steps: {steps} in {stats['windows']} windows (decode_window={args.decode_window}), waiting for "
+        f"the device {wait:.2f}s, host work {elapsed - wait:.2f}s ({(elapsed - wait) / steps * 1e3:.3f} ms per "
+        f"decode step), async scheduling {'off' if args.sync else 'on'}"
     )
     result |= dict(
         num_seqs=args.num_seqs,
@@ -206,15 +201,20 @@ def main():
         time_s=elapsed,
         throughput_tok_s=throughput,
         async_scheduling=not args.sync,
-        steps=len(waits),
-        wait_s=sum(waits),
+        decode_window=args.decode_window,
+        kv_cache_dtype=args.kv_cache_dtype,
+        decode_steps=steps,
+        windows=stats["windows"],
+        wait_s=wait,
+        host_ms_per_decode_step=(elapsed - wait) / steps * 1e3,
     )
     write_json(args.json, result)
     print(
         f"summary: {jax.default_backend()} {device.device_kind} tp={args.tp} "
         f"{args.size if not args.model else os.path.basename(model.rstrip('/'))} seqs={args.num_seqs} "
         f"prompt_tokens={prompt_tokens} output_tokens={total} time={elapsed:.2f}s "
-        f"throughput={throughput:.0f}tok/s startup={startup:.1f}s async={not args.sync}"
+        f"throughput={throughput:.0f}tok/s startup={startup:.1f}s async={not args.sync} "
+        f"window={args.decode_window} host_ms_per_step={(elapsed - wait) / steps * 1e3:.3f}"
     )
 
 

@@ -1,12 +1,13 @@
 """Per-bucket step times of the ModelRunner: decode tok/s against the bandwidth floor, prefill tok/s.
 
-Drives `ModelRunner.run` directly with fake sequences (no scheduler): for every decode batch bucket B
-at a few context lengths L, B sequences of L tokens each decode one token (the same step, repeated);
-for every prefill token bucket T, fresh prompts of `--prefill-seq-len` tokens fill exactly T tokens.
-Two times per step, medians over `--repeats`:
-  run_ms     `ModelRunner.run` as the engine calls it: host packing, transfer, step, sampler, host read;
-  device_ms  the compiled step and sampler on already-transferred inputs, `block_until_ready` per step
-             (still includes one dispatch of each, about 0.1 ms).
+Drives the ModelRunner directly with fake sequences (no scheduler): for every decode batch bucket B
+at a few context lengths L, B sequences of L tokens each decode a window of `--window` tokens; for every
+prefill token bucket T, fresh prompts of `--prefill-seq-len` tokens fill exactly T tokens.
+Two times per generated token (decode: a window's time / its steps), medians over `--repeats`:
+  run_ms     `ModelRunner.run`: every row joins afresh (host packing of the whole batch), transfer,
+             the window, host read;
+  device_ms  decode: the window in the engine's steady state (rows already on the device, nothing to
+             update), launch to read; prefill: as run_ms.
 The decode floor is what a step must read at the memory bandwidth: every weight once plus the K and V
 of its B live sequences, step_floor = (weight_bytes + B * L * kv_bytes_per_token) / bandwidth.
 Sequences get distinct KV blocks while the cache has them, then blocks are reused cyclically (the
@@ -42,14 +43,15 @@ def fake_sequences(
     num_blocks: int,
     vocab_size: int,
     first_block: int = 0,
+    extra_tokens: int = 0,
 ):
     """`num_seqs` sequences of `num_tokens` tokens, ready for a decode step (all but the last token
     cached) or a fresh prefill of all their tokens. Returns (sequences, whether blocks were reused)."""
     from nanovllm_jax import SamplingParams
     from nanovllm_jax.engine.sequence import Sequence
 
-    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1)
-    per_seq = math.ceil(num_tokens / block_size)
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1 << 20)
+    per_seq = math.ceil((num_tokens + extra_tokens) / block_size)
     rng = random.Random(num_seqs * 100003 + num_tokens)
     seqs = []
     for i in range(num_seqs):
@@ -61,34 +63,26 @@ def fake_sequences(
     return seqs, num_seqs * per_seq > num_blocks
 
 
-def time_run(runner, seqs, is_prefill: bool, warmup: int, repeats: int) -> float:
-    """Median seconds of `runner.run` (the engine's whole step)."""
-    for _ in range(warmup):
-        runner.run(seqs, is_prefill)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        runner.run(seqs, is_prefill)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def time_device(runner, seqs, is_prefill: bool, warmup: int, repeats: int) -> float | None:
-    """Median seconds of the compiled step + sampler alone, inputs already on the device."""
-    import jax
-
-    if not hasattr(runner, "prepare"):
-        return None
-    shape, ints, floats, use_top_k_top_p = runner.prepare(seqs, is_prefill)
-    step, sampler = runner._executables(shape, use_top_k_top_p)
-    ints, floats = jax.device_put((ints, floats), getattr(runner, "replicated", None))
+def time_run(runner, seqs, is_prefill: bool, warmup: int, repeats: int, window: int = 1) -> float:
+    """Median seconds per generated token of `runner.run` (a prefill step, or a decode window)."""
     times = []
     for i in range(warmup + repeats):
         t = time.perf_counter()
-        logits, runner.kv_caches = step(runner.state, runner.kv_caches, ints, runner.last_tokens)  # donated
-        sampler(logits, ints, floats).block_until_ready()
+        runner.run(seqs, is_prefill, window)
         if i >= warmup:
-            times.append(time.perf_counter() - t)
+            times.append((time.perf_counter() - t) / (1 if is_prefill else window))
+    return statistics.median(times)
+
+
+def time_steady(runner, seqs, warmup: int, repeats: int, window: int) -> float:
+    """Median seconds per generated token of decode windows over rows already on the device."""
+    runner.batch.clear()
+    times = []
+    for i in range(warmup + repeats):
+        t = time.perf_counter()
+        runner.decode(seqs, [window] * len(seqs), window).read()
+        if i >= warmup:
+            times.append((time.perf_counter() - t) / window)
     return statistics.median(times)
 
 
@@ -135,9 +129,7 @@ def plot(result: dict, path: str):
         batch = [r["batch"] for r in rows]
         ax_d.plot(batch, [r["tok_s"] for r in rows], "o-", color=f"C{i}", label=f"ctx {ctx}: engine step")
         if rows[0]["device_tok_s"] is not None:
-            ax_d.plot(
-                batch, [r["device_tok_s"] for r in rows], "x:", color=f"C{i}", label=f"ctx {ctx}: device"
-            )
+            ax_d.plot(batch, [r["device_tok_s"] for r in rows], "x:", color=f"C{i}", label=f"ctx {ctx}: device")
         ax_d.plot(
             batch,
             [r["floor_tok_s"] for r in rows],
@@ -185,17 +177,13 @@ def main():
     p.add_argument("--size", help="random checkpoint size without --model (default: qwen3-0.6b; tiny on CPU)")
     p.add_argument("--max-model-len", type=int, help="default 4096 (512 on CPU)")
     p.add_argument("--max-num-seqs", type=int, help="largest decode bucket; default 512 (16 on CPU)")
-    p.add_argument(
-        "--max-num-batched-tokens", type=int, help="largest prefill bucket; default 16384 (512 on CPU)"
-    )
-    p.add_argument(
-        "--contexts", default="128,1024,4096", help="decode context lengths, clipped to max_model_len"
-    )
+    p.add_argument("--max-num-batched-tokens", type=int, help="largest prefill bucket; default 16384 (512 on CPU)")
+    p.add_argument("--contexts", default="128,1024,4096", help="decode context lengths, clipped to max_model_len")
     p.add_argument("--prefill-seq-len", type=int, default=512, help="prompt length of the prefill steps")
-    p.add_argument(
-        "--repeats", type=int, help="timed steps per point, median reported (default 20; 5 on CPU)"
-    )
+    p.add_argument("--repeats", type=int, help="timed steps per point, median reported (default 20; 5 on CPU)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--window", type=int, default=8, help="decode steps per window (the engine's decode_window)")
+    p.add_argument("--batches", help="decode buckets to time, comma-separated (default: all)")
     p.add_argument(
         "--bandwidth",
         default=str(H100_COPY_BANDWIDTH),
@@ -209,6 +197,9 @@ def main():
 
     import jax
 
+    from nanovllm_jax.engine.runtime import apply_runtime_defaults
+
+    apply_runtime_defaults()  # the engine's XLA flags, before anything below starts JAX's backend
     if args.cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -219,9 +210,7 @@ def main():
     defaults = (
         dict(size="tiny", max_model_len=512, max_num_seqs=16, max_num_batched_tokens=512, repeats=5)
         if on_cpu
-        else dict(
-            size="qwen3-0.6b", max_model_len=4096, max_num_seqs=512, max_num_batched_tokens=16384, repeats=20
-        )
+        else dict(size="qwen3-0.6b", max_model_len=4096, max_num_seqs=512, max_num_batched_tokens=16384, repeats=20)
     )
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -238,8 +227,9 @@ def main():
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         num_kvcache_blocks=args.num_kvcache_blocks,
+        decode_window=args.window,
     )
-    runner = ModelRunner(config)
+    runner = ModelRunner(config, 0, ())
     startup = time.perf_counter() - t
     if not args.no_fill:
         fill_kv_random(runner)
@@ -282,10 +272,12 @@ def main():
         f"{'floor tok/s':>12} {'of floor':>9}"
     )
     for ctx in contexts:
-        for b in runner.decode_buckets:
-            seqs, aliased = fake_sequences(b, ctx, True, bs, nb, runner.vocab_size)
-            run_s = time_run(runner, seqs, False, args.warmup, args.repeats)
-            dev_s = time_device(runner, seqs, False, args.warmup, args.repeats)
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else runner.decode_buckets
+        for b in batches:
+            extra = (args.warmup + args.repeats + 1) * args.window  # the steady windows' new tokens
+            seqs, aliased = fake_sequences(b, ctx, True, bs, nb, runner.vocab_size, extra_tokens=extra)
+            run_s = time_run(runner, seqs, False, args.warmup, args.repeats, args.window)
+            dev_s = time_steady(runner, seqs, args.warmup, args.repeats, args.window)
             floor_s = (weight_bytes + b * ctx * kv_per_token) / bandwidth
             row = dict(
                 context=ctx,
@@ -303,8 +295,7 @@ def main():
             dev = f"{row['device_ms']:10.3f}" if dev_s else f"{'-':>10}"
             print(
                 f"{ctx:6d} {b:6d} {row['run_ms']:9.3f} {dev} {row['tok_s']:11.0f} {row['floor_ms']:9.3f} "
-                f"{row['floor_tok_s']:12.0f} {row['frac_of_floor']:8.1%}"
-                + ("  (blocks reused)" if aliased else "")
+                f"{row['floor_tok_s']:12.0f} {row['frac_of_floor']:8.1%}" + ("  (blocks reused)" if aliased else "")
             )
 
     print(f"\n{'tokens':>7} {'seqs':>5} {'run ms':>9} {'device ms':>10} {'tok/s':>11}")
@@ -313,12 +304,10 @@ def main():
         lengths = [seq_len] * (tokens // seq_len) + ([tokens % seq_len] if tokens % seq_len else [])
         seqs = []
         for i, n in enumerate(lengths):  # distinct blocks per prompt, after those of the previous ones
-            s, _ = fake_sequences(
-                1, n, False, bs, nb, runner.vocab_size, first_block=i * math.ceil(seq_len / bs)
-            )
+            s, _ = fake_sequences(1, n, False, bs, nb, runner.vocab_size, first_block=i * math.ceil(seq_len / bs))
             seqs += s
         run_s = time_run(runner, seqs, True, args.warmup, args.repeats)
-        dev_s = time_device(runner, seqs, True, args.warmup, args.repeats)
+        dev_s = None
         row = dict(
             tokens=tokens,
             seqs=len(seqs),

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm_jax.kernels.kv_layout import KV_CACHE_DTYPES
+
 
 @dataclass(frozen=True)
 class Config:
@@ -23,11 +25,18 @@ class Config:
     eos: int = -1
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
+    decode_window: int = 8  # decode steps per device call, at most (nanovllm-jax's own)
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": 8-bit pages with scales
 
     def __post_init__(self):
         if not isinstance(self.model, (str, os.PathLike)):
             raise TypeError(f"model must be a path to a Hugging Face model directory, got {type(self.model).__name__}")
         model = os.fspath(self.model)
+        if os.path.isfile(model):
+            raise ValueError(
+                f"model {model!r} is a file; pass the Hugging Face model directory that holds config.json and "
+                "the safetensors weights"
+            )
         if not os.path.isdir(model):
             raise ValueError(f"model directory {model!r} does not exist; pass the path of a local HF model directory")
         if not os.path.isfile(os.path.join(model, "config.json")):
@@ -53,6 +62,13 @@ class Config:
                 f"num_kvcache_blocks must be -1 (size from memory) or positive, got {self.num_kvcache_blocks}"
             )
         _check_int("eos", self.eos, -1)
+        _check_int("decode_window", self.decode_window, 1)
+        if self.decode_window > self.kvcache_block_size:
+            raise ValueError(
+                f"decode_window must be at most kvcache_block_size={self.kvcache_block_size}, got {self.decode_window}"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         # Frozen dataclass: derived fields are set once here, through object.__setattr__.
         object.__setattr__(self, "model", model)
         hf_config = self.hf_config if self.hf_config is not None else AutoConfig.from_pretrained(model)

@@ -99,9 +99,19 @@ def test_step_contract(llm):
         out, n = llm.step()
         counts.append(n)
         finished.update(out)
-    assert counts == [-2, -2]  # two decode steps of two sequences
+    assert counts == [-4]  # one decode window: two steps of two sequences
     assert sorted(finished) == sorted(ids) and all(len(t) == 3 for t in finished.values())
     assert llm.step() == ([], 0)
+
+
+def test_step_contract_one_step_windows(tiny):
+    llm = LLM(tiny, **(SMALL | dict(enforce_eager=True, max_num_seqs=2)), decode_window=1)
+    for p in prompts_of([10, 20], seed=7):
+        llm.add_request(p, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    counts = []
+    while not llm.is_finished():
+        counts.append(llm.step()[1])
+    assert counts == [30, -2, -2]
 
 
 def test_preemption_under_tiny_cache(tiny, hf):
@@ -147,7 +157,7 @@ def test_async_scheduling_matches_sync_with_eos(llm, monkeypatch):
     monkeypatch.setattr(llm.scheduler, "eos_ids", frozenset({eos}))
     ahead = []
     schedule_ahead = llm.scheduler.schedule_ahead
-    monkeypatch.setattr(llm.scheduler, "schedule_ahead", lambda seqs: ahead.append(schedule_ahead(seqs)) or ahead[-1])
+    monkeypatch.setattr(llm.scheduler, "schedule_ahead", lambda: ahead.append(schedule_ahead()) or ahead[-1])
     sps = [SamplingParams(temperature=0.0, max_tokens=m) for m in limits]
     for mode in (True, False):
         monkeypatch.setattr(llm, "async_scheduling", mode)
@@ -169,7 +179,7 @@ def test_bad_inputs_raise_and_engine_stays_usable(llm):
         (lambda: llm.generate("hello", sp), TypeError, "prompts must be a list"),
         (lambda: llm.generate([1.5], sp), TypeError, "a prompt must be a str or a list of int"),
         (lambda: llm.generate(["a"], {"temperature": 0}), TypeError, "must be a SamplingParams"),
-        (lambda: llm.add_request([1, 2, 3.0], sp), TypeError, "a prompt must be a str or a list of int"),
+        (lambda: llm.add_request([1, 2, 3.0], sp), TypeError, r"element 2 is 3.0 \(float\)"),
         # A good prompt before a bad one: nothing may be queued when the call fails.
         (lambda: llm.generate([[1, 2], [5000]], sp), ValueError, "token ids must be in"),
     ]
@@ -178,6 +188,10 @@ def test_bad_inputs_raise_and_engine_stays_usable(llm):
             call()
         assert llm.is_finished()
     assert len(llm.generate([[1, 2, 3]], sp, use_tqdm=False)[0]["token_ids"]) == 2
+    # numpy integers are token ids like ints
+    want = llm.generate([[1, 2, 3]], sp, use_tqdm=False)
+    assert llm.generate([np.array([1, 2, 3])], sp, use_tqdm=False) == want
+    assert llm.generate([[np.int64(1), np.int32(2), np.uint16(3)]], sp, use_tqdm=False) == want
 
 
 def test_constructor_errors(tiny, tmp_path):
@@ -185,6 +199,12 @@ def test_constructor_errors(tiny, tmp_path):
         LLM(tiny, max_num_seq=4)  # misspelt keyword
     with pytest.raises(ValueError, match="does not exist"):
         LLM(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="is a file"):
+        LLM(f"{tiny}/config.json")
+    with pytest.raises(ValueError, match="decode_window must be at most"):
+        LLM(tiny, decode_window=257)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        LLM(tiny, kv_cache_dtype="int4")
     (tmp_path / "config.json").write_text(open(f"{tiny}/config.json").read())
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_text(open(f"{tiny}/{name}").read())
@@ -196,7 +216,7 @@ def test_constructor_errors(tiny, tmp_path):
 
 def test_no_compiles_in_steady_state(llm, caplog):
     llm.generate(prompts_of([3, 40, 90]), GREEDY, use_tqdm=False)  # every program this workload needs
-    programs = len(llm.model_runner.compiled)
+    programs = len(llm.model_runner.programs)
     jax.config.update("jax_log_compiles", True)
     try:
         with caplog.at_level(logging.WARNING, logger="jax"):
@@ -205,24 +225,24 @@ def test_no_compiles_in_steady_state(llm, caplog):
         jax.config.update("jax_log_compiles", False)
     compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     assert compiles == []
-    assert len(llm.model_runner.compiled) == programs
+    assert len(llm.model_runner.programs) == programs
 
 
 @pytest.mark.gpu  # programs are saved on GPU only (XLA:CPU's deserialized programs can miss functions)
 def test_second_start_loads_saved_programs(tiny, llm):
     again = LLM(tiny, **SMALL)  # the `llm` fixture, same settings, saved every program
-    runner = again.model_runner
-    assert runner.loaded_from_disk == len(runner.compiled) > 0
+    programs = again.model_runner.programs
+    assert programs.loaded_from_disk == len(programs) > 0
     prompts = prompts_of([5, 50], seed=13)
     first = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert again.generate(prompts, GREEDY, use_tqdm=False) == first
     # A damaged file is ignored with a warning and rebuilt.
-    key = next(iter(runner.compiled))
-    with open(runner._path(key), "wb") as f:
+    key = next(iter(programs.compiled))
+    with open(programs.path(key), "wb") as f:
         f.write(b"not a program")
     with pytest.warns(UserWarning, match="ignoring saved program"):
         third = LLM(tiny, **SMALL)
-    assert third.model_runner.loaded_from_disk == len(third.model_runner.compiled) - 1
+    assert third.model_runner.programs.loaded_from_disk == len(third.model_runner.programs) - 1
     assert third.generate(prompts, GREEDY, use_tqdm=False) == first
 
 
@@ -236,3 +256,99 @@ def test_bucket_lists():
     assert prefill_buckets(1000) == [64, 128, 256, 512, 1000]
     assert prefill_buckets(10) == [10]
     assert [pick(decode_buckets(48), n) for n in (1, 3, 33, 48)] == [1, 4, 48, 48]
+
+
+@pytest.mark.parametrize("window", [1, 4, 16])
+def test_windows_stop_rows_inside_them_like_hf(tiny, hf, window):
+    """Greedy output with decode windows equals HF's for a mixed batch whose rows stop at different steps
+    inside windows: on the checkpoint's EOS (a token the batch emits, made the EOS), on max_tokens, and on
+    max_model_len."""
+    llm = LLM(tiny, **(SMALL | dict(enforce_eager=True)), decode_window=window)
+    prompts = prompts_of([5, 40, 300, 17, 1015], seed=13)
+    free = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    ref = [hf_greedy_ignore_eos(hf, p, 20) for p in prompts]
+    eos = ref[1][6]  # sequence 1 emits it mid-run: rows end at different steps
+    llm.eos_ids = llm.scheduler.eos_ids = frozenset({eos})  # the host's view; the device's below
+    llm.model_runner.eos_ids = (eos,)
+    limits = [20, 20, 9, 14, 20]
+    sps = [SamplingParams(temperature=0.0, max_tokens=m) for m in limits]
+    outs = [o["token_ids"] for o in llm.generate(prompts, sps, use_tqdm=False)]
+    for r, m, out, prompt in zip(ref, limits, outs, prompts):
+        want = r[: min(r.index(eos) + 1 if eos in r else m, m, 1024 - len(prompt))]
+        assert out == want
+    assert len(outs[4]) == 1024 - 1015  # max_model_len
+    assert [o["token_ids"] for o in llm.generate(prompts, free, use_tqdm=False)][:4] == ref[:4]
+
+
+def hf_greedy_ignore_eos(hf, ids, n):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+def test_step_outputs_and_abort(llm):
+    before = llm.num_free_kv_blocks
+    sp = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    a, b = (llm.add_request(p, sp) for p in prompts_of([300, 12], seed=21))
+    got = {a: [], b: []}
+    reasons = {}
+    while not llm.is_finished():
+        llm.step()
+        for o in llm.step_outputs():
+            got[o.seq_id] += o.new_token_ids
+            assert o.num_completion_tokens == len(got[o.seq_id])
+            if o.finished:
+                reasons[o.seq_id] = o.finish_reason
+        if len(got[a]) >= 10 and a not in reasons:
+            assert llm.abort_request(a)  # mid-run, possibly with a window in flight
+            reasons[a] = "abort"
+    assert not llm.abort_request(a) and not llm.abort_request(12345)
+    assert reasons == {a: "abort", b: "length"} and len(got[b]) == 30
+    assert got[b] == llm.generate(prompts_of([300, 12], seed=21)[1:], sp, use_tqdm=False)[0]["token_ids"]
+    assert llm.num_free_kv_blocks == before
+
+
+def test_interrupted_generate_leaves_engine_usable(llm, monkeypatch):
+    prompts = prompts_of([50, 60], seed=4)
+    sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    ref = llm.generate(prompts, sp, use_tqdm=False)
+    before = llm.num_free_kv_blocks
+    step, calls = llm.step, []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(llm, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts, sp, use_tqdm=False)
+    monkeypatch.undo()
+    assert llm.is_finished() and llm.num_free_kv_blocks == before
+    assert llm.generate(prompts, sp, use_tqdm=False) == ref
+
+
+def test_fp8_kv_cache_end_to_end(tiny):
+    """kv_cache_dtype="fp8": the cache holds about 4x the fp32 blocks in the same bytes; a batch decodes as
+    each prompt alone, through windows of 1 and 8 steps, prefix-cache hits and preemption alike."""
+    from nanovllm_jax.engine.kv_cache import CPU_KV_CACHE_BYTES
+
+    fp8 = LLM(tiny, **(SMALL | dict(num_kvcache_blocks=-1, enforce_eager=True)), kv_cache_dtype="fp8")
+    layout = fp8.model_runner.cache_layout
+    assert fp8.model_runner.num_blocks == CPU_KV_CACHE_BYTES // layout.block_bytes()
+    a = fp8.model_runner.args
+    assert layout.block_bytes() == a.num_layers * 2 * a.num_kv_heads * 256 * (a.head_dim + 4)  # bytes + scales
+    prompts = prompts_of([5, 300, 600], seed=31)
+    sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    batch = [o["token_ids"] for o in fp8.generate(prompts, sp, use_tqdm=False)]
+    assert [fp8.generate([p], sp, use_tqdm=False)[0]["token_ids"] for p in prompts] == batch  # prefix hits too
+    one_step = LLM(tiny, **(SMALL | dict(enforce_eager=True)), kv_cache_dtype="fp8", decode_window=1)
+    assert [o["token_ids"] for o in one_step.generate(prompts, sp, use_tqdm=False)] == batch
+    # 4 blocks: the three prompts (1 + 2 + 3 blocks) cannot all run at once, so sequences are preempted.
+    tight = LLM(tiny, **(SMALL | dict(enforce_eager=True, num_kvcache_blocks=4)), kv_cache_dtype="fp8")
+    assert [o["token_ids"] for o in tight.generate(prompts, sp, use_tqdm=False)] == batch
+    # fp8 keys and values change the logits a little, not the model: most greedy tokens agree with fp32 KV.
+    full = LLM(tiny, **(SMALL | dict(enforce_eager=True)))
+    ref = [o["token_ids"] for o in full.generate(prompts, sp, use_tqdm=False)]
+    assert sum(x == y for r, b in zip(ref, batch) for x, y in zip(r, b)) >= 0.5 * 60

@@ -21,8 +21,14 @@ VOCAB = 64
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen3")
     hf_config = {
-        "model_type": "qwen3", "max_position_embeddings": 1024, "vocab_size": VOCAB, "hidden_size": 16,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+        "model_type": "qwen3",
+        "max_position_embeddings": 1024,
+        "vocab_size": VOCAB,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
         "intermediate_size": 32,
     }
     (path / "config.json").write_text(json.dumps(hf_config))
@@ -32,6 +38,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture
 def make(model_dir):
     def make(num_blocks: int, eos_ids: set[int] = frozenset(), **config) -> Scheduler:
+        config.setdefault("decode_window", 1)
         return Scheduler(Config(model_dir, **config), set(eos_ids), num_blocks)
 
     return make
@@ -47,7 +54,7 @@ def seq(token_ids: list[int], **sampling) -> Sequence:
 
 def step(sched: Scheduler, sampled: int | list[int] = 9) -> tuple[list[Sequence], bool, list[int]]:
     """schedule + postprocess; returns the batch, its kind and each sequence's num_scheduled_tokens."""
-    seqs, is_prefill = sched.schedule()
+    seqs, is_prefill, _ = sched.schedule()
     counts = [s.num_scheduled_tokens for s in seqs]
     sched.postprocess(seqs, sampled if isinstance(sampled, list) else [sampled] * len(seqs))
     return seqs, is_prefill, counts
@@ -154,8 +161,8 @@ def test_preemption_order_and_readmission_on_own_prefix(make):
     bm = sched.block_manager
     # Each needs a second block for its 257th token; none is free. s0 evicts the newest (s2), then
     # s1 finds nothing left to preempt but itself. Both return to the front of the queue, in order.
-    seqs, is_prefill = sched.schedule()
-    assert (seqs, is_prefill) == ([s0], False)
+    seqs, is_prefill, steps = sched.schedule()
+    assert (seqs, is_prefill, steps) == ([s0], False, [1])
     assert s0.block_table == [0, 2] and list(sched.running) == [s0] and list(sched.waiting) == [s1, s2]
     assert all(s.status == SequenceStatus.WAITING and s.block_table == [] for s in (s1, s2))
     assert (s1.num_cached_tokens, s1.num_tokens, s1.completion_token_ids) == (0, 257, [2])
@@ -180,7 +187,7 @@ def test_stop_conditions(make):
         sched.add(s)
     finished = []
     while not sched.is_finished():
-        seqs, _ = sched.schedule()
+        seqs, _, _ = sched.schedule()
         sched.postprocess(seqs, [streams[s][s.num_completion_tokens] for s in seqs])
         finished += [s for s in seqs if s.is_finished]
     assert finished == [d, e, a, c, b]
@@ -201,53 +208,71 @@ def fake_token(key: int, position: int) -> int:
 class FakeModel:
     """Writes a fingerprint of each token's whole prefix into its paged slot, then checks every slot a
     sequence attends to; returns a deterministic token per (request, position) so recomputation after
-    preemption must reproduce the same completion."""
+    preemption must reproduce the same completion. Decode windows run step by step, each row stopping
+    itself on EOS or after its planned steps, as on the device."""
 
-    def __init__(self, num_blocks: int, keys: dict[int, int]):
+    def __init__(self, num_blocks: int, keys: dict[int, int], eos_ids: set[int]):
         self.cache = np.full(num_blocks * BS, -1, np.int64)
-        self.keys = keys
+        self.keys, self.eos_ids = keys, eos_ids
         self.fingerprints: dict[int, list[int]] = {}
 
-    def prefix_fingerprints(self, s: Sequence) -> np.ndarray:
-        fp = self.fingerprints.setdefault(s.seq_id, [])
-        for t in s.token_ids[len(fp) :]:
-            fp.append(hash((fp[-1] if fp else 0, t)) & (2**62 - 1))
-        return np.asarray(fp[: s.num_tokens])
+    def token_at(self, s: Sequence, p: int) -> int:
+        return s.token_ids[p] if p < s.num_tokens else fake_token(self.keys[s.seq_id], p)
 
-    def launch(self, seqs: list[Sequence], is_prefill: bool, ahead: bool = False):
-        """A step as the engine launches it: its positions and slots are fixed now, it computes later
-        (`collect`, in launch order, as on the device). `ahead`: a decode step scheduled before the
-        previous step's tokens are in, so each sequence computes the position after its last."""
+    def prefix_fingerprints(self, s: Sequence, n: int) -> np.ndarray:
+        fp = self.fingerprints.setdefault(s.seq_id, [])
+        while len(fp) < n:
+            fp.append(hash((fp[-1] if fp else 0, self.token_at(s, len(fp)))) & (2**62 - 1))
+        return np.asarray(fp[:n])
+
+    def launch(self, seqs: list[Sequence], is_prefill: bool, steps: list[int]):
+        """A step or window as the engine launches it: its positions and slots are fixed now (before the
+        engine counts the window's tokens in flight), it computes later (`collect`, in launch order)."""
         job = []
-        for s in seqs:
-            start = s.num_tokens if ahead else s.num_cached_tokens
-            count = s.num_scheduled_tokens
+        for s, n in zip(seqs, steps):
+            # Prefill: from the first uncached token; decode: from the last token known or in flight.
+            start = s.num_cached_tokens if is_prefill else s.num_tokens + s.num_inflight_tokens - 1
+            count = s.num_scheduled_tokens if is_prefill else n
             assert count >= 1 and len(s.block_table) * BS >= start + count
-            if not is_prefill:
-                assert count == 1 and start == s.num_tokens - (not ahead)
             positions = np.arange(start + count)
             job.append((s, start, count, np.asarray(s.block_table)[positions // BS] * BS + positions % BS))
-        return job
+        return is_prefill, job
 
-    def collect(self, job) -> list[int]:
-        for s, start, count, slots in job:  # all writes of the step first, as in a layer of the real model
-            # A sequence finished since launch (EOS) still computes: garbage into the slots it had.
-            live = not s.is_finished
-            self.cache[slots[start:]] = self.prefix_fingerprints(s)[start : start + count] if live else -7
-        for s, start, count, slots in job:
-            if not s.is_finished:
-                np.testing.assert_array_equal(self.cache[slots], self.prefix_fingerprints(s)[: start + count])
-        # A prefill chunk short of the last token samples garbage, which must be ignored.
-        return [
-            fake_token(self.keys[s.seq_id], start + count) if start + count == s.num_tokens else 10**9
-            for s, start, count, _ in job
-        ]
+    def collect(self, launch) -> np.ndarray:
+        is_prefill, job = launch
+        if is_prefill:  # all writes of the step first, as in a layer of the real model
+            for s, start, count, slots in job:
+                self.cache[slots[start:]] = self.prefix_fingerprints(s, start + count)[start:]
+            for s, start, count, slots in job:
+                np.testing.assert_array_equal(self.cache[slots], self.prefix_fingerprints(s, start + count))
+            # A prefill chunk short of the last token samples garbage, which must be ignored.
+            return np.asarray(
+                [
+                    self.token_at(s, start + count) if start + count == s.num_tokens else 10**9
+                    for s, start, count, _ in job
+                ]
+            )
+        # A window: a row stops after its planned steps or its EOS. A sequence finished since the launch
+        # (an abort) still computes on the device: garbage into the slots it had.
+        out = np.full((max(c for _, _, c, _ in job), len(job)), -1)
+        stopped = [False] * len(job)
+        for j in range(out.shape[0]):
+            rows = [
+                (r, s, start + j, slots)
+                for r, (s, start, count, slots) in enumerate(job)
+                if j < count and not stopped[r]
+            ]
+            for _, s, p, slots in rows:
+                self.cache[slots[p]] = -7 if s.is_finished else self.prefix_fingerprints(s, p + 1)[p]
+            for r, s, p, slots in rows:
+                if not s.is_finished:
+                    np.testing.assert_array_equal(self.cache[slots[: p + 1]], self.prefix_fingerprints(s, p + 1))
+                out[j, r] = t = self.token_at(s, p + 1)
+                stopped[r] = not s.ignore_eos and t in self.eos_ids
+        return out
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        return self.collect(self.launch(seqs, is_prefill))
 
-
-def check_invariants(sched: Scheduler, ahead: bool = False):
+def check_invariants(sched: Scheduler):
     bm = sched.block_manager
     holders = list(sched.running) + [s for s in sched.waiting if s.block_table]
     assert all(s is sched.waiting[0] for s in holders if s.status == SequenceStatus.WAITING)
@@ -260,8 +285,8 @@ def check_invariants(sched: Scheduler, ahead: bool = False):
     assert len(sched.running) <= sched.max_num_seqs
     for s in sched.running:
         assert s.status == SequenceStatus.RUNNING and s.num_cached_tokens == s.num_tokens - 1
-        # A step scheduled ahead already holds the block for the token after the next.
-        assert len(s.block_table) - (s.num_cached_tokens + BS - 1) // BS in ((0, 1) if ahead else (0,))
+        # Exactly the blocks for the KV of every token known or in flight but the last.
+        assert len(s.block_table) == -(-(s.num_tokens + s.num_inflight_tokens - 1) // BS)
     for s in sched.waiting:
         assert s.num_cached_tokens == 0 or s.block_table
 
@@ -269,14 +294,20 @@ def check_invariants(sched: Scheduler, ahead: bool = False):
 @pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("trial", range(12))
 def test_randomized_run_finishes_every_request_exactly_once(make, trial, pipelined):
-    """The engine's loop (see LLMEngine.step), with and without scheduling decode steps ahead."""
+    """The engine's loop (see LLMEngine.step), with and without scheduling decode windows ahead, windows
+    of 1 to 16 steps, and some requests aborted mid-run."""
     rng = random.Random(trial)
     max_model_len = 1024
     num_blocks = rng.randint(max_model_len // BS, 8)
     eos_ids = {0, 1}
+    window = rng.choice([1, 4, 8, 16])
     sched = make(
-        num_blocks, eos_ids, max_model_len=max_model_len, max_num_seqs=rng.randint(1, 16),
+        num_blocks,
+        eos_ids,
+        max_model_len=max_model_len,
+        max_num_seqs=rng.randint(1, 16),
         max_num_batched_tokens=rng.choice([17, 100, 256, 700, 4096]),
+        decode_window=window,
     )
     shared = [tokens(rng.choice([256, 300, 600]), 100 * trial + i) for i in range(3)]
     requests, expected, keys = [], {}, {}
@@ -287,34 +318,64 @@ def test_randomized_run_finishes_every_request_exactly_once(make, trial, pipelin
         completion = []
         while True:
             completion.append(t := fake_token(key, s.num_prompt_tokens + len(completion)))
-            if ((not s.ignore_eos and t in eos_ids) or len(completion) == s.max_tokens
-                    or s.num_prompt_tokens + len(completion) >= max_model_len):
+            if (
+                (not s.ignore_eos and t in eos_ids)
+                or len(completion) == s.max_tokens
+                or s.num_prompt_tokens + len(completion) >= max_model_len
+            ):
                 break
         expected[s.seq_id] = completion
         requests.append(s)
-    model, done, in_flight, num_ahead = FakeModel(num_blocks, keys), {}, None, 0
+    aborted = {s.seq_id for s in requests if rng.random() < 0.15}
+    model, done, in_flight, num_ahead, num_windows = FakeModel(num_blocks, keys, eos_ids), {}, None, 0, 0
+
+    def launch(seqs, is_prefill, steps):
+        job = model.launch(seqs, is_prefill, steps)
+        if not is_prefill:
+            for s, n in zip(seqs, steps):
+                s.num_inflight_tokens += n
+        return seqs, is_prefill, steps, job
+
+    added = []
     for num_steps in range(10_000):
         if requests and (not num_steps or rng.random() < 0.3):  # some requests arrive mid-run
             sched.add(requests.pop(0))
+            added.append(sched.waiting[-1])
+        for s in added:  # some requests are aborted while they wait or run
+            if s.seq_id in aborted and s.num_completion_tokens >= 2 and rng.random() < 0.5:
+                if s.is_finished:
+                    assert sched.abort(s.seq_id) is None  # too late: it finished
+                else:
+                    assert sched.abort(s.seq_id) is s and s.finish_reason == "abort" and not s.block_table
+                aborted.discard(s.seq_id)
         if in_flight is None:
             if sched.is_finished():
                 if not requests:
                     break
                 continue
-            seqs, is_prefill = sched.schedule()
-            assert len(set(seqs)) == len(seqs) <= sched.max_num_seqs
+            seqs, is_prefill, steps = sched.schedule()
+            assert len(set(seqs)) == len(seqs) <= sched.max_num_seqs and all(1 <= n <= window for n in steps)
             if is_prefill:
                 assert sum(s.num_scheduled_tokens for s in seqs) <= sched.max_num_batched_tokens
-            in_flight = seqs, is_prefill, model.launch(seqs, is_prefill)
-        seqs, is_prefill, job = in_flight
+            in_flight = launch(seqs, is_prefill, steps)
+        seqs, is_prefill, steps, job = in_flight
         in_flight = None
-        if pipelined and not is_prefill and (ahead := sched.schedule_ahead(seqs)):
-            assert set(ahead) <= set(seqs)
-            in_flight, num_ahead = (ahead, False, model.launch(ahead, False, ahead=True)), num_ahead + 1
-        for s in sched.postprocess(seqs, model.collect(job)):
+        if pipelined and not is_prefill and (ahead := sched.schedule_ahead()):
+            assert set(ahead[0]) <= set(seqs)
+            in_flight, num_ahead = launch(*ahead[:1], False, ahead[1]), num_ahead + 1
+        tokens_out = model.collect(job)
+        if is_prefill:
+            finished, _ = sched.postprocess(seqs, tokens_out)
+        else:
+            num_windows += max(steps) > 1
+            finished, _ = sched.postprocess_window(seqs, steps, tokens_out)
+        for s in finished:
             assert s.seq_id not in done
             done[s.seq_id] = s.completion_token_ids
-        check_invariants(sched, ahead=in_flight is not None)
-    assert in_flight is None and done == expected
+        check_invariants(sched)
+    assert in_flight is None
+    aborted = {s.seq_id for s in added if s.finish_reason == "abort"}
+    assert all(done.get(i) == c for i, c in expected.items() if i not in aborted)
     assert num_ahead > 0 if pipelined else num_ahead == 0
+    assert num_windows > 0 if window > 1 else num_windows == 0
     assert sched.block_manager.num_free_blocks == num_blocks

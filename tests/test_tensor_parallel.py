@@ -7,23 +7,18 @@ import pytest
 from nanovllm_jax import LLM, SamplingParams
 from nanovllm_jax.utils.loader import TP_AXIS
 
-SMALL = dict(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024, enforce_eager=True)
+SMALL = dict(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024, num_kvcache_blocks=16, enforce_eager=True)
 
 
 def prefill_logits(llm, prompts):
     """Logits of the last prompt token of each sequence, from one prefill step of the runner."""
     for p in prompts:
         llm.add_request(p, SamplingParams(temperature=0.0, max_tokens=1))
-    seqs, is_prefill = llm.scheduler.schedule()
+    seqs, is_prefill, _ = llm.scheduler.schedule()
     assert is_prefill and len(seqs) == len(prompts)
-    runner = llm.model_runner
-    shape, ints, floats, flag = runner.prepare(seqs, is_prefill)
-    step, _ = runner._executables(shape, flag)
-    logits, runner.kv_caches = step(
-        runner.state, runner.kv_caches, jax.device_put(ints, runner.replicated), runner.last_tokens
-    )
+    logits = llm.model_runner.prefill_logits(seqs)
     llm.scheduler.postprocess(seqs, [0] * len(seqs))
-    return np.asarray(logits)[: len(seqs), : runner.vocab_size]
+    return logits
 
 
 @pytest.mark.parametrize("size", ["tiny", "tiny-gqa4", "tiny-qwen2"])  # 2 kv heads: TP=4 replicates them

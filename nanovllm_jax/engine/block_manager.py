@@ -94,6 +94,7 @@ class BlockManager:
         for _ in range(len(cached), seq.num_blocks):
             seq.block_table.append(self._allocate_block())
         seq.num_cached_tokens = len(cached) * self.block_size
+        seq.admission += 1  # a new block table: the device's copy of the old one is stale
 
     def deallocate(self, seq: Sequence):
         for block_id in reversed(seq.block_table):
@@ -105,20 +106,23 @@ class BlockManager:
         seq.num_cached_tokens = 0
         seq.block_table = []
 
-    def needs_block(self, seq: Sequence, ahead: int = 0) -> bool:
-        """Whether a decode step needs a new block for `seq`; `ahead=1` for the step after the next
-        (scheduled before the next step's token is known, see `Scheduler.schedule_ahead`)."""
-        return len(seq.block_table) * self.block_size < seq.num_tokens + ahead
+    def blocks_to_cover(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks `seq` needs for the KV of its first `num_tokens` tokens."""
+        return max(-(-num_tokens // self.block_size) - len(seq.block_table), 0)
 
-    def can_append(self, seq: Sequence, ahead: int = 0) -> bool:
-        return self.num_free_blocks >= self.needs_block(seq, ahead)
+    def can_append(self, seq: Sequence) -> bool:
+        """Whether the next decode step of `seq` (the KV of its last token) can get its block."""
+        return self.num_free_blocks >= self.blocks_to_cover(seq, seq.num_tokens)
 
-    def may_append(self, seq: Sequence, ahead: int = 0):
-        """Before a decode step: make sure the block table covers the token about to be computed."""
+    def cover(self, seq: Sequence, num_tokens: int):
+        """Before decode steps: extend the block table over the KV of the first `num_tokens` tokens."""
         # NOTE: a sequence only ever writes KV into its own blocks: shared blocks are full prefix
-        # blocks, and the block a decode step writes into is its last, which is never shared.
-        if self.needs_block(seq, ahead):
+        # blocks, and decode steps write past the last token, whose block is never shared.
+        for _ in range(self.blocks_to_cover(seq, num_tokens)):
             seq.block_table.append(self._allocate_block())
+
+    def may_append(self, seq: Sequence):
+        self.cover(seq, seq.num_tokens)
 
     def hash_blocks(self, seq: Sequence):
         """After a step, before `num_cached_tokens` advances: register the blocks it made full."""

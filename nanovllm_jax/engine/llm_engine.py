@@ -3,23 +3,30 @@
 Requests are validated completely before any state changes, so a bad prompt raises a clear
 ValueError/TypeError and leaves the engine usable.
 
-Async scheduling: while a decode step runs on the device, the next decode step is scheduled and
-launched before the running step's tokens are read (`Scheduler.schedule_ahead`), so the host's work
-per step (reading tokens, post-processing, scheduling, packing inputs) overlaps the device's.
-`step()` returns the results of one step, as without it.
+Decode windows: one device call runs up to `decode_window` decode steps, sampling on the device (see
+`ModelRunner`), so the host's fixed cost is paid per window instead of per token. A request that arrives
+meanwhile waits for the window in flight (and for the one launched ahead of it, below) before its prefill.
+
+Async scheduling: while a decode window runs on the device, the next window is scheduled and launched
+before the running one's tokens are read (`Scheduler.schedule_ahead`), so the host's work per window
+(reading tokens, post-processing, scheduling, packing updates) overlaps the device's. `step()` returns
+the results of one step or window, as without it.
 """
 
 import json
+import numbers
 import os
 from time import perf_counter
 
+import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from nanovllm_jax.config import Config
-from nanovllm_jax.engine.model_runner import ModelRunner
+from nanovllm_jax.engine.model_runner import Launch, ModelRunner
+from nanovllm_jax.engine.runtime import apply_runtime_defaults
 from nanovllm_jax.engine.scheduler import Scheduler
-from nanovllm_jax.engine.sequence import Sequence
+from nanovllm_jax.engine.sequence import RequestOutput, Sequence
 from nanovllm_jax.sampling_params import SamplingParams
 
 
@@ -37,6 +44,8 @@ class LLMEngine:
         num_kvcache_blocks: int = -1,
         *,
         seed: int = 0,
+        decode_window: int = 8,
+        kv_cache_dtype: str = "auto",
     ):
         self.config = Config(
             model,
@@ -48,15 +57,24 @@ class LLMEngine:
             enforce_eager=enforce_eager,
             kvcache_block_size=kvcache_block_size,
             num_kvcache_blocks=num_kvcache_blocks,
+            decode_window=decode_window,
+            kv_cache_dtype=kv_cache_dtype,
         )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        apply_runtime_defaults()
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)
         self.eos_ids = eos_token_ids(self.config, self.tokenizer)
-        self.model_runner = ModelRunner(self.config, seed)
+        self.model_runner = ModelRunner(self.config, seed, self.eos_ids)
         self.scheduler = Scheduler(self.config, self.eos_ids, self.model_runner.num_blocks)
-        self.async_scheduling = True  # False: each step is scheduled after the previous one's tokens are in
-        self.in_flight = None  # (seqs, is_prefill, num_tokens, handle) of the step launched, not yet read
+        self.async_scheduling = True  # False: each window is scheduled after the previous one's tokens are in
+        self.in_flight: Launch | None = None  # the window launched ahead, not read yet
+        self._last_step: list[tuple[Sequence, int]] = []  # (sequence, tokens it got) of the last step()
+        self.stats = dict(windows=0, decode_steps=0, device_wait_s=0.0)  # for benchmarks
+
+    @property
+    def num_free_kv_blocks(self) -> int:
+        return self.scheduler.block_manager.num_free_blocks
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
         """Queues one request; returns its seq_id (the id `step()` reports it under)."""
@@ -64,17 +82,26 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq.seq_id
 
+    def abort_request(self, seq_id: int) -> bool:
+        """Drops a queued or running request and frees its KV blocks; False if it is unknown or finished.
+        A decode window already in flight still computes it, and its tokens are dropped."""
+        return self.scheduler.abort(seq_id) is not None
+
     def _make_sequence(self, prompt, sampling_params) -> Sequence:
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            token_ids = list(prompt)
+        elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, np.ndarray) and prompt.ndim == 1):
+            token_ids = []
+            for i, t in enumerate(prompt):
+                if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                    raise TypeError(f"a token-id prompt must hold ints; element {i} is {t!r} ({type(t).__name__})")
+                token_ids.append(int(t))
             vocab = self.model_runner.vocab_size
-            bad = [t for t in token_ids if not 0 <= t < vocab]
+            bad = [(i, t) for i, t in enumerate(token_ids) if not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"token ids must be in [0, {vocab}); got {bad[:5]}")
+                raise ValueError(f"token ids must be in [0, {vocab}); got (index, id) {bad[:5]}")
         else:
             raise TypeError(f"a prompt must be a str or a list of int token ids, got {type(prompt).__name__}")
         if not token_ids:
@@ -88,23 +115,56 @@ class LLMEngine:
         return Sequence(token_ids, sampling_params, self.config.kvcache_block_size)
 
     def step(self) -> tuple[list[tuple[int, list[int]]], int]:
-        """One scheduler step: (finished [(seq_id, completion token ids)], tokens: + prefill / - decode)."""
+        """One prefill step or decode window: (finished [(seq_id, completion token ids)], tokens:
+        + prefill tokens computed / - tokens decoded)."""
+        self._last_step = []
         if self.in_flight is None:
             if self.scheduler.is_finished():
                 return [], 0
             self.in_flight = self._launch(*self.scheduler.schedule())
-        seqs, is_prefill, num_tokens, handle = self.in_flight
-        self.in_flight = None
-        if self.async_scheduling and not is_prefill:
-            ahead = self.scheduler.schedule_ahead(seqs)
+        launch, self.in_flight = self.in_flight, None
+        if self.async_scheduling and not launch.is_prefill:
+            ahead = self.scheduler.schedule_ahead()
             if ahead:
-                self.in_flight = self._launch(ahead, False, prev=seqs)
-        finished = self.scheduler.postprocess(seqs, self.model_runner.collect(handle))
+                self.in_flight = self._launch(ahead[0], False, ahead[1])
+        finished, num_tokens = self._postprocess(launch)
         return [(s.seq_id, s.completion_token_ids) for s in finished], num_tokens
 
-    def _launch(self, seqs, is_prefill, prev=None):
-        num_tokens = sum(s.num_scheduled_tokens for s in seqs) if is_prefill else -len(seqs)
-        return seqs, is_prefill, num_tokens, self.model_runner.dispatch(seqs, is_prefill, prev)
+    def _launch(self, seqs: list[Sequence], is_prefill: bool, steps: list[int]) -> Launch:
+        if is_prefill:
+            return self.model_runner.prefill(seqs)
+        launch = self.model_runner.decode(seqs, steps, max(steps))  # joining rows count no tokens in flight
+        for seq, n in zip(seqs, steps):
+            seq.num_inflight_tokens += n
+        self.stats["windows"] += 1
+        self.stats["decode_steps"] += max(steps)
+        return launch
+
+    def _postprocess(self, launch: Launch) -> tuple[list[Sequence], int]:
+        t = perf_counter()
+        tokens = launch.read()  # the step's one wait for the device
+        self.stats["device_wait_s"] += perf_counter() - t
+        if launch.is_prefill:
+            finished, sampled = self.scheduler.postprocess(launch.seqs, tokens)
+            self._last_step = [(s, 1) for s in sampled]
+            return finished, sum(s.num_scheduled_tokens for s in launch.seqs)
+        finished, added = self.scheduler.postprocess_window(launch.seqs, launch.steps, tokens)
+        self._last_step = [(s, n) for s, n in zip(launch.seqs, added) if n]
+        return finished, -sum(added)
+
+    def step_outputs(self) -> list[RequestOutput]:
+        """After `step()`: every request that got tokens or finished in it, with its new tokens."""
+        return [
+            RequestOutput(
+                seq.seq_id,
+                seq.completion_token_ids[-n:],
+                seq.is_finished,
+                seq.finish_reason,
+                seq.num_prompt_tokens,
+                seq.num_completion_tokens,
+            )
+            for seq, n in self._last_step
+        ]
 
     def is_finished(self) -> bool:
         return self.in_flight is None and self.scheduler.is_finished()
@@ -128,7 +188,7 @@ class LLMEngine:
         if not self.is_finished():
             raise RuntimeError(
                 "generate() called while requests queued with add_request() are unfinished; "
-                "run step() until is_finished() first"
+                "run step() until is_finished() first, or abort_request() them"
             )
         seqs = [self._make_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]  # all checked first
         for seq in seqs:
@@ -137,20 +197,35 @@ class LLMEngine:
         results: list[list[int] | None] = [None] * len(seqs)
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         prefill_tps = decode_tps = 0.0
-        while not self.is_finished():
-            t = perf_counter()
-            outputs, num_tokens = self.step()
-            dt = perf_counter() - t
-            if num_tokens > 0:
-                prefill_tps = num_tokens / dt
-            else:
-                decode_tps = -num_tokens / dt
-            bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s", refresh=False)
-            for seq_id, token_ids in outputs:
-                results[order[seq_id]] = token_ids
-                bar.update(1)
-        bar.close()
+        try:
+            while not self.is_finished():
+                t = perf_counter()
+                outputs, num_tokens = self.step()
+                dt = perf_counter() - t
+                if num_tokens > 0:
+                    prefill_tps = num_tokens / dt
+                else:
+                    decode_tps = -num_tokens / dt
+                bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s", refresh=False)
+                for seq_id, token_ids in outputs:
+                    results[order[seq_id]] = token_ids
+                    bar.update(1)
+        except BaseException:  # KeyboardInterrupt included: leave the engine usable
+            self._abort_all([seq.seq_id for seq in seqs])
+            raise
+        finally:
+            bar.close()
         return [{"text": self.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids} for ids in results]
+
+    def _abort_all(self, seq_ids: list[int]):
+        """Abort these requests, wait out the window in flight, and resend the decode batch from scratch
+        (an interrupted launch may have left the device's rows behind the host's map of them)."""
+        for seq_id in seq_ids:
+            self.abort_request(seq_id)
+        if self.in_flight is not None:
+            launch, self.in_flight = self.in_flight, None
+            self._postprocess(launch)
+        self.model_runner.batch.clear()
 
 
 def eos_token_ids(config: Config, tokenizer) -> set[int]:

@@ -1,67 +1,47 @@
-"""ModelRunner: weights, the paged KV cache, and the jitted, bucketed prefill/decode/sample steps.
+"""ModelRunner: the weights, the KV cache, the decode batch on the device, and the jitted steps over them.
 
-Only dense padded arrays cross into jit. A step's inputs are packed on the host into one int32 and one
-float32 array (one transfer each); its output is the sampled token ids, read back once per step
-(`dispatch` launches a step, `collect` reads its tokens). A decode step may be launched before the
-previous step's tokens are read: its input ids then come from that step's tokens on the device. Token
-counts and sequence counts are padded to the buckets below, the block-table width is fixed
-(max_model_len / block_size), and every bucket is compiled at start-up (`precompile`), the JAX analogue
-of CUDA-graph capture; with `enforce_eager=True` nothing is compiled at start-up and each bucket compiles
-on its first use. The KV cache is donated to every step and rebound to the step's result, so the
-store is in place. Under tensor parallelism the model step runs per device inside `jax.shard_map`.
+Two kinds of program run the model, each compiled per bucket (at start-up unless `enforce_eager`, the JAX
+analogue of CUDA-graph capture):
+- a prefill step (`prefill`): the tokens of the scheduled sequences, packed on the host into one int32
+  and one float32 array (`PrefillShape`), then a separate sampler program (with or without top-k/top-p);
+- a decode window (`decode`): `decode_window` decode steps in one call, a loop over the model and the
+  sampler on the `DecodeState` rows, which stay on the device between windows; the host sends only the
+  rows' changes (`DecodeBatch`). Each row stops itself on EOS, max_tokens or max_model_len; a shorter
+  window (`num_steps`) leaves the steps past it idle. Each sampler with or without top-k/top-p.
+Both return their sampled tokens as a device array without waiting (`Launch`); the engine reads them
+later, so the next window can be launched first. The KV cache and the decode state are donated to every
+program and rebound to its result, so the stores are in place. Under tensor parallelism each program
+runs per device inside `jax.shard_map`.
 """
 
-import hashlib
 import math
 import os
-import pickle
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import serialize_executable
+from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nanovllm_jax import kernels
 from nanovllm_jax.config import Config
+from nanovllm_jax.engine.decode_batch import DecodeBatch, DecodeState
+from nanovllm_jax.engine.kv_cache import CACHE_SPEC, CPU_KV_CACHE_BYTES, KVCacheLayout, blocks_from_memory
+from nanovllm_jax.engine.programs import ProgramCache, fingerprint
 from nanovllm_jax.engine.sequence import Sequence
+from nanovllm_jax.engine.step_inputs import PrefillShape, WindowShape
 from nanovllm_jax.layers.attention import AttentionMetadata
 from nanovllm_jax.layers.sampler import sample
 from nanovllm_jax.utils.loader import TP_AXIS, load_model, make_mesh
-
-# JAX preallocates 75% of GPU memory by default; gpu_memory_utilization is a fraction of JAX's pool,
-# so let the pool cover 95% of the device unless the user chose otherwise (effective only if set
-# before JAX starts its GPU backend; the README says so).
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-# NVLink multicast (NVLS) off for NCCL's all-reduces under tensor parallelism, unless the user chose.
-os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-# XLA command buffers (CUDA graphs) around all kernels, the Pallas custom calls included: a decode step
-# launches ~500 small kernels, and launched one by one they left the GPU idle at small batches
-# (measured on the H100: a batch-1 step went from 4.05 to 2.72 ms). Same rule: only before JAX starts
-# its GPU backend, and a user's own setting of either flag in XLA_FLAGS wins.
-_XLA_DEFAULTS = {
-    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN",
-    "xla_gpu_graph_min_graph_size": "1",
-}
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", "")]
-    + [f"--{k}={v}" for k, v in _XLA_DEFAULTS.items() if k not in os.environ.get("XLA_FLAGS", "")]
-).strip()
-# The persistent compilation cache, on by default (start-up compiles every bucket).
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nanovllm_jax", "xla")
 
 # Decode batches pad to the next of these (capped at max_num_seqs). A padded row reads no KV (its
 # context is 0) and writes nowhere (slot -1), so coarse buckets cost little.
 DECODE_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Prefill token counts pad to the next power of two from this minimum (capped at max_num_batched_tokens).
 MIN_PREFILL_TOKENS = 64
-# On CPU there is no device memory to size the cache from: this many bytes of KV cache by default.
-CPU_KV_CACHE_BYTES = 512 * 2**20
+PREFILL_STREAM, DECODE_STREAM = 0, 1  # the sampler's rng streams, folded into the seed
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
@@ -81,47 +61,22 @@ def pick(buckets: list[int], n: int) -> int:
     return next(b for b in buckets if b >= n)
 
 
-@dataclass(frozen=True)
-class StepShape:
-    """The static (trace-time) shape of a step: T tokens, B sequences, W block-table width."""
+@dataclass
+class Launch:
+    """A launched step whose sampled tokens are not read yet."""
 
+    seqs: list[Sequence]  # prefill: the scheduled sequences; decode: the window's rows, in row order
     is_prefill: bool
-    tokens: int
-    seqs: int
-    width: int
+    tokens: jax.Array  # prefill [B]; decode [steps, B], -1 where a row did not run
+    steps: list[int] | None = None  # decode: tokens each row adds unless it samples EOS
 
-    def layout(self):
-        T, B, W = self.tokens, self.seqs, self.width
-        # Segments of the packed int32 input, in order.
-        return dict(
-            input_ids=T,
-            src_rows=T,  # >= 0: the input id is the previous step's sampled token of that row instead
-            positions=T,
-            slot_mapping=T,
-            block_tables=B * W,
-            context_lens=B,
-            cu_q_lens=B + 1,
-            logits_idx=B,
-            top_ks=B,  # the sampler reads the last B + 1 entries
-            step=1,
-        )
-
-
-def unpack(buf, shape: StepShape) -> dict:
-    out, at = {}, 0
-    for name, n in shape.layout().items():
-        out[name] = buf[at : at + n]
-        at += n
-    out["block_tables"] = out["block_tables"].reshape(shape.seqs, shape.width)
-    return out
+    def read(self) -> np.ndarray:
+        return np.asarray(self.tokens)
 
 
 class ModelRunner:
-    def __init__(self, config: Config, seed: int = 0):
+    def __init__(self, config: Config, seed: int, eos_ids):
         self.config = config
-        if jax.config.jax_compilation_cache_dir is None:
-            jax.config.update("jax_compilation_cache_dir", DEFAULT_CACHE_DIR)
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         self.block_size = config.kvcache_block_size
         self.width = math.ceil(config.max_model_len / self.block_size)
         self.mesh = make_mesh(config.tensor_parallel_size)
@@ -129,317 +84,252 @@ class ModelRunner:
         self.graphdef, state, self.args, self.shard_args, state_specs = load_model(
             config.model, config.hf_config, self.mesh
         )
-        # The weights as a flat list: a list flattens in C++ at every step's call, an nnx.State in Python
-        # (~0.5 ms per call for Qwen3-0.6B's ~300 arrays).
+        # The weights as a flat list: a list flattens in C++ at every call, an nnx.State in Python.
         self.state, self.state_def = jax.tree.flatten(state)
         self.state_specs = self.state_def.flatten_up_to(state_specs)
         self.vocab_size = self.args.vocab_size
-        self.seed = seed
-        self.step_count = 0
+        self.seed, self.eos_ids, self.decode_window = seed, tuple(sorted(eos_ids)), config.decode_window
+        self.prefill_step_count = 0
         self.decode_buckets = decode_buckets(config.max_num_seqs)
         self.prefill_buckets = prefill_buckets(config.max_num_batched_tokens)
-        # Every step's sampled ids, padded to one shape (a step has at most max_num_seqs sequences), so
-        # that any step can take the previous step's ids as an input without a program per pair.
-        self.max_rows = config.max_num_seqs
-        self.last_tokens = jax.device_put(np.zeros(self.max_rows, np.int32), self.replicated)
-        self._model_step = jax.jit(self._model_step_fn, static_argnums=(4,), donate_argnums=(1,))
-        self._sample = jax.jit(self._sample_fn, static_argnums=(3,))
+        self._prefill = jax.jit(self._prefill_fn, static_argnums=(3,), donate_argnums=(1,))
+        self._sample = jax.jit(self._sample_fn, static_argnums=(3, 4))
+        self._window = jax.jit(self._window_fn, static_argnums=(5, 6), donate_argnums=(1, 2))
+        self.cache_layout = KVCacheLayout(self.shard_args, self.block_size, config.kv_cache_dtype, self.mesh)
         self.num_blocks = self._num_kv_blocks()
-        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
-        self.compiled = {}
-        # Compiled programs are saved on GPU only: XLA:CPU's deserialized programs can miss functions.
+        self.kv_caches = self.cache_layout.allocate(self.num_blocks)
+        self.decode_state = DecodeState.zeros(config.max_num_seqs, self.width, self.replicated)
+        self.batch = DecodeBatch(config.max_num_seqs, self.width, self.vocab_size, config.max_model_len)
         on_cpu = self.mesh.devices.flat[0].platform == "cpu"
-        self.executable_dir = (
-            None if on_cpu else os.path.join(jax.config.jax_compilation_cache_dir, "nanovllm_executables")
-        )
-        self.fingerprint = self._fingerprint()
-        self.loaded_from_disk = 0
+        directory = None if on_cpu else os.path.join(jax.config.jax_compilation_cache_dir, "nanovllm_executables")
+        arrays = (self.state, self.kv_caches, self.decode_state)
+        key = fingerprint(self.mesh, arrays, seed, self.eos_ids, self.decode_window, self.vocab_size)
+        self.programs = ProgramCache(self._lower, self.mesh.devices.flat, directory, key)
         if not config.enforce_eager:
-            self.precompile()
+            self.programs.precompile(self.program_keys())
 
-    # ---- device functions -------------------------------------------------------------------------
+    # ---- device functions ---------------------------------------------------------------------------
 
-    def _forward(self, state, kv_caches, ints, prev_tokens, shape: StepShape):
-        """Per device: the model on this step's tokens -> (logits [B, V_local] float32, caches)."""
-        model = nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, state))
-        x = unpack(ints, shape)
-        md = AttentionMetadata(
-            x["slot_mapping"], x["block_tables"], x["context_lens"], x["cu_q_lens"], shape.is_prefill
-        )
-        src = x["src_rows"]
-        input_ids = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], x["input_ids"])
-        hidden, kv_caches = model(input_ids, x["positions"], kv_caches, md)
-        logits = model.compute_logits(hidden[x["logits_idx"]])
+    def _per_device(self, fn, in_specs, out_specs):
+        """`fn` on each device's shards under tensor parallelism (per its specs), else `fn` itself."""
+        if self.mesh.size == 1:
+            return fn
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+    def _logits(self, model, hidden):
+        """hidden [B, D] -> float32 logits [B, V] over the whole vocabulary (all-gathered under TP)."""
+        logits = model.compute_logits(hidden)
         if self.mesh.size > 1:
             logits = jax.lax.all_gather(logits, TP_AXIS, axis=1, tiled=True)
-        return logits, kv_caches
+        return logits[:, : self.vocab_size]  # drop the vocab padding of tensor parallelism
 
-    def _model_step_fn(self, state, kv_caches, ints, prev_tokens, shape: StepShape):
-        if self.mesh.size == 1:
-            return self._forward(state, kv_caches, ints, prev_tokens, shape)
-        cache_spec = [(P(None, TP_AXIS), P(None, TP_AXIS))] * len(kv_caches)
-        return jax.shard_map(
-            lambda s, c, i, t: self._forward(s, c, i, t, shape),
-            mesh=self.mesh,
-            in_specs=(self.state_specs, cache_spec, P(), P()),  # weights per their plan; caches by kv head
-            out_specs=(P(), cache_spec),  # logits all-gathered over the vocab, so replicated
-            check_vma=False,
-        )(state, kv_caches, ints, prev_tokens)
+    def _key(self, stream: int, step):
+        # "rbg" (XLA's RngBitGenerator) draws the [B, V] Gumbel noise far cheaper on the GPU than threefry.
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed, impl="rbg"), stream), step)
 
-    def _sample_fn(self, logits, ints, floats, use_top_k_top_p: bool):
-        B = floats.shape[0] // 2
-        logits = logits[:, : self.vocab_size]  # drop the vocab padding of tensor parallelism
-        # "rbg" (XLA's RngBitGenerator) draws the [B, V] Gumbel noise far cheaper on the GPU than the
-        # default threefry; the stream is fixed by the seed and the step counter all the same.
-        key = jax.random.fold_in(jax.random.key(self.seed, impl="rbg"), ints[-1])
-        tokens = sample(logits, floats[:B], ints[-1 - B : -1], floats[B:], key, use_top_k_top_p=use_top_k_top_p)
-        return jnp.zeros(self.max_rows, jnp.int32).at[:B].set(tokens)
+    def _prefill_fn(self, weights, kv_caches, ints, shape: PrefillShape):
+        """The model on a prefill step's tokens -> (logits [B, V] float32, caches)."""
+        cache_specs = [tuple(CACHE_SPEC for _ in layer) for layer in kv_caches]
+
+        def forward(weights, kv_caches, ints):
+            model = nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, weights))
+            x = shape.ints().unpack(ints)
+            md = AttentionMetadata(x["slot_mapping"], x["block_tables"], x["context_lens"], x["cu_q_lens"], True)
+            hidden, kv_caches = model(x["input_ids"], x["positions"], kv_caches, md)
+            return self._logits(model, hidden[x["logits_idx"]]), kv_caches
+
+        return self._per_device(forward, (self.state_specs, cache_specs, P()), (P(), cache_specs))(
+            weights, kv_caches, ints
+        )
+
+    def _sample_fn(self, logits, ints, floats, shape: PrefillShape, use_top_k_top_p: bool):
+        x, f = shape.ints().unpack(ints), shape.floats().unpack(floats)
+        key = self._key(PREFILL_STREAM, x["step"][0])
+        return sample(logits, f["temperatures"], x["top_ks"], f["top_ps"], key, use_top_k_top_p=use_top_k_top_p)
+
+    def _window_fn(self, weights, kv_caches, decode_state, ints, floats, shape: WindowShape, use_top_k_top_p: bool):
+        """Up to `shape.steps` decode steps -> (tokens [steps, B], caches, decode state)."""
+        u = shape.ints().unpack(ints) | shape.floats().unpack(floats)
+        decode_state = decode_state.apply(u)
+        cache_specs = [tuple(CACHE_SPEC for _ in layer) for layer in kv_caches]
+        state_specs = jax.tree.map(lambda _: P(), decode_state)
+        loop = self._per_device(
+            lambda w, c, d, n, k: self._decode_loop(w, c, d, n, k, shape, use_top_k_top_p),
+            (self.state_specs, cache_specs, state_specs, P(), P()),
+            (P(), cache_specs, state_specs),
+        )
+        return loop(weights, kv_caches, decode_state, u["num_rows"][0], u["num_steps"][0])
+
+    def _decode_loop(
+        self, weights, kv_caches, d: DecodeState, num_rows, num_steps, shape: WindowShape, use_top_k_top_p
+    ):
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, weights))
+        B, bs = shape.rows, self.block_size
+        live = jnp.arange(B) < num_rows  # rows >= num_rows are idle
+        eos = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
+
+        def step(i, carry):
+            r, kv_caches, out = carry
+            active = live & (r.remaining > 0) & (i < num_steps)  # [B]
+            page = jnp.take_along_axis(r.block_tables, jnp.minimum(r.positions // bs, shape.width - 1)[:, None], 1)
+            md = AttentionMetadata(
+                slot_mapping=jnp.where(active, page[:, 0] * bs + r.positions % bs, -1),  # stopped rows write nowhere
+                block_tables=r.block_tables,
+                context_lens=jnp.where(active, r.positions + 1, 0),  # and read nothing
+                cu_q_lens=jnp.arange(B + 1, dtype=jnp.int32),
+                is_prefill=False,
+            )
+            hidden, kv_caches = model(r.tokens, r.positions, kv_caches, md)
+            key = self._key(DECODE_STREAM, r.step)
+            logits = self._logits(model, hidden)
+            tokens = sample(logits, r.temperatures, r.top_ks, r.top_ps, key, use_top_k_top_p=use_top_k_top_p)
+            stop = ~r.ignore_eos & (tokens[:, None] == eos[None, :]).any(-1)
+            r = replace(
+                r,
+                tokens=jnp.where(active, tokens, r.tokens),
+                positions=jnp.where(active, r.positions + 1, r.positions),
+                remaining=jnp.where(active, jnp.where(stop, 0, r.remaining - 1), r.remaining),
+                step=r.step + 1,
+            )
+            return r, kv_caches, out.at[i].set(jnp.where(active, tokens, -1))
+
+        # NOTE: a loop of a static trip count, not one that ends when every row has stopped: XLA runs a
+        # data-dependent loop (or cond) by reading its predicate on the host each iteration, which blocks
+        # the launching thread until the window is done (BENCHMARKS.md). Steps past `num_steps` are idle.
+        rows = jax.tree.map(lambda x: x[:B] if x.ndim else x, d)
+        out = jnp.full((shape.steps, B), -1, jnp.int32)
+        rows, kv_caches, out = lax.fori_loop(0, shape.steps, step, (rows, kv_caches, out))
+        d = jax.tree.map(lambda x, y: x.at[:B].set(y) if x.ndim else y, d, rows)
+        return out, kv_caches, d
 
     # ---- KV cache ------------------------------------------------------------------------------------
-
-    def _block_bytes(self) -> int:
-        a = self.shard_args  # per device
-        return 2 * a.num_layers * a.num_kv_heads * self.block_size * a.head_dim * jnp.dtype(a.dtype).itemsize
 
     def _num_kv_blocks(self) -> int:
         config = self.config
         if config.num_kvcache_blocks > 0:
             num_blocks = config.num_kvcache_blocks
         elif self.mesh.devices.flat[0].platform == "cpu":
-            num_blocks = max(CPU_KV_CACHE_BYTES // self._block_bytes(), 1)
+            num_blocks = max(CPU_KV_CACHE_BYTES // self.cache_layout.block_bytes(), 1)
         else:
-            num_blocks = self._blocks_from_memory()
-        needed = self.width
-        if num_blocks < needed:
+            num_blocks = blocks_from_memory(self.cache_layout, config.gpu_memory_utilization, self._peak_prefill)
+        if num_blocks < self.width:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens, but one sequence of "
-                f"max_model_len={config.max_model_len} needs {needed}; lower max_model_len, or raise "
+                f"max_model_len={config.max_model_len} needs {self.width}; lower max_model_len, or raise "
                 f"gpu_memory_utilization / num_kvcache_blocks (or use more devices)"
             )
         return num_blocks
 
-    def _blocks_from_memory(self) -> int:
-        """Blocks that fit in gpu_memory_utilization of each device's pool after weights and a worst case
-        prefill's activations (measured with a warm-up forward on a one-block cache)."""
-        one_block = self._allocate_kv_cache(1)
-        shape = StepShape(
-            True, self.prefill_buckets[-1], min(self.prefill_buckets[-1], self.config.max_num_seqs), self.width
-        )
-        ints = np.zeros(sum(shape.layout().values()), np.int32)
-        x = unpack(ints, shape)  # views into `ints`
-        x["slot_mapping"][:] = -1  # write nowhere
-        x["src_rows"][:] = -1
-        logits, one_block = self._model_step(self.state, one_block, jnp.asarray(ints), self.last_tokens, shape)
+    def _peak_prefill(self):
+        """The largest prefill step on a one-block cache, writing nowhere (for its peak memory)."""
+        shape = self._prefill_shape(self.prefill_buckets[-1])
+        ints, x = shape.ints().views(np.int32)
+        x["slot_mapping"][:] = -1
+        logits, _ = self._prefill(self.state, self.cache_layout.allocate(1), jnp.asarray(ints), shape)
         logits.block_until_ready()
-        del one_block, logits
-        free = []
-        for device in self.mesh.devices.flat:
-            stats = device.memory_stats()
-            if not stats or "bytes_limit" not in stats:
-                raise ValueError(
-                    f"{device} reports no memory statistics (JAX's allocator setting?), so the KV cache cannot "
-                    "be sized from gpu_memory_utilization; pass num_kvcache_blocks"
-                )
-            budget = stats["bytes_limit"] * self.config.gpu_memory_utilization
-            free.append(budget - stats["peak_bytes_in_use"])
-        blocks = max(int(min(free) // self._block_bytes()), 0)
-        # Rounded down to a multiple of 64 so that small run-to-run differences in free memory keep the
-        # cache shape, and with it the programs saved on disk (see `_program`), the same.
-        return blocks - blocks % 64 if blocks >= 128 else blocks
 
-    def _allocate_kv_cache(self, num_blocks: int):
-        a = self.shard_args
-        # Global shape: the kv-head axis holds each device's kv heads (copies when they are replicated).
-        shape = (num_blocks, a.num_kv_heads * self.mesh.size, self.block_size, a.head_dim)
-        sharding = NamedSharding(self.mesh, P(None, TP_AXIS))
-        zeros = jax.jit(lambda: jnp.zeros(shape, a.dtype), out_shardings=sharding)
-        return [(zeros(), zeros()) for _ in range(a.num_layers)]
+    # ---- programs ------------------------------------------------------------------------------------
 
-    # ---- host side -----------------------------------------------------------------------------------
+    def _prefill_shape(self, num_tokens: int) -> PrefillShape:
+        t = pick(self.prefill_buckets, num_tokens)
+        return PrefillShape(t, min(t, self.config.max_num_seqs), self.width)
 
-    def precompile(self):
-        """Build every decode batch bucket and prefill token bucket, and both sampler variants of each.
+    def _window_shape(self, num_rows: int) -> WindowShape:
+        return WindowShape(pick(self.decode_buckets, max(num_rows, 1)), self.width, self.decode_window)
 
-        Programs saved by an earlier run load from disk (`_program`); the rest are traced and lowered here
-        one at a time (Python), and XLA's compilations, which release the GIL, run in a thread pool.
-        """
-        shapes = [self._shape(False, b, b) for b in self.decode_buckets]
-        shapes += [self._shape(True, t, t) for t in self.prefill_buckets]
-        keys = dict.fromkeys(k for shape in shapes for flag in (False, True) for k in self._program_keys(shape, flag))
-        lowered = {key: self._lower(key) for key in keys if self._load(key) is None}
-        with ThreadPoolExecutor(max_workers=max(1, min(len(lowered), os.cpu_count() or 1))) as pool:
-            for key, program in zip(lowered, pool.map(lambda program: program.compile(), lowered.values())):
-                self._save(key, program)
-
-    def _shape(self, is_prefill: bool, num_tokens: int, num_seqs: int) -> StepShape:
-        if is_prefill:
-            t = pick(self.prefill_buckets, num_tokens)
-            return StepShape(True, t, min(t, self.config.max_num_seqs), self.width)
-        b = pick(self.decode_buckets, num_seqs)
-        return StepShape(False, b, b, self.width)
-
-    @staticmethod
-    def _program_keys(shape: StepShape, use_top_k_top_p: bool):
-        """The model step is keyed by its shape; the sampler by (seqs, packed ints length, variant)."""
-        return shape, (shape.seqs, sum(shape.layout().values()), use_top_k_top_p)
+    def program_keys(self) -> list:
+        """Every program a run can need: per prefill bucket the step and its sampler, per decode bucket the
+        window; each sampler with and without top-k/top-p."""
+        keys = [("prefill", self._prefill_shape(t)) for t in self.prefill_buckets]
+        for flag in (False, True):
+            keys += [("sample", self._prefill_shape(t), flag) for t in self.prefill_buckets]
+            keys += [("window", self._window_shape(b), flag) for b in self.decode_buckets]
+        return keys
 
     def _lower(self, key):
         rep = self.replicated
-        if isinstance(key, StepShape):
-            ints = jax.ShapeDtypeStruct((sum(key.layout().values()),), jnp.int32, sharding=rep)
-            return self._model_step.lower(self.state, self.kv_caches, ints, self.last_tokens, key)
-        seqs, ints_len, use_top_k_top_p = key
-        ints = jax.ShapeDtypeStruct((ints_len,), jnp.int32, sharding=rep)
-        floats = jax.ShapeDtypeStruct((2 * seqs,), jnp.float32, sharding=rep)
-        logits = jax.ShapeDtypeStruct((seqs, self.shard_args.vocab_size * self.mesh.size), jnp.float32, sharding=rep)
-        return self._sample.lower(logits, ints, floats, use_top_k_top_p)
 
-    def _executables(self, shape: StepShape, use_top_k_top_p: bool):
-        """The compiled model step of a bucket and its sampler, built here on first need (eager mode).
+        def spec(layout, dtype):
+            return jax.ShapeDtypeStruct((layout.size,), dtype, sharding=rep)
 
-        NOTE: the hot loop calls these executables directly, so a step can never trigger a compile
-        behind our back: `self.compiled` holds every program this runner has built.
-        """
-        return tuple(self._program(key) for key in self._program_keys(shape, use_top_k_top_p))
+        kind, shape = key[:2]
+        if kind == "prefill":
+            return self._prefill.lower(self.state, self.kv_caches, spec(shape.ints(), jnp.int32), shape)
+        if kind == "sample":
+            logits = jax.ShapeDtypeStruct((shape.seqs, self.vocab_size), jnp.float32, sharding=rep)
+            floats = spec(shape.floats(), jnp.float32)
+            return self._sample.lower(logits, spec(shape.ints(), jnp.int32), floats, shape, key[2])
+        ints, floats = spec(shape.ints(), jnp.int32), spec(shape.floats(), jnp.float32)
+        return self._window.lower(self.state, self.kv_caches, self.decode_state, ints, floats, shape, key[2])
 
-    def _program(self, key):
-        if key not in self.compiled and self._load(key) is None:
-            self._save(key, self._lower(key).compile())
-        return self.compiled[key]
+    # ---- host side -----------------------------------------------------------------------------------
 
-    # ---- compiled programs on disk ---------------------------------------------------------------------
-    # JAX's persistent cache skips XLA's compilation but not tracing and lowering, which for a 28-layer
-    # model are most of a warm start-up. So the compiled programs themselves are saved too, keyed by
-    # everything they depend on: this code, JAX, the devices, XLA's flags, and the shapes and shardings
-    # of the weights and the cache (`_fingerprint`).
+    def prefill(self, seqs: list[Sequence]) -> Launch:
+        """Launches a prefill step of `seqs` (each computes its `num_scheduled_tokens` from
+        `num_cached_tokens` on), without waiting for it."""
+        shape, ints, floats, use_top_k_top_p = self._prefill_inputs(seqs)
+        logits, self.kv_caches = self.programs["prefill", shape](self.state, self.kv_caches, ints)  # donated
+        tokens = self.programs["sample", shape, use_top_k_top_p](logits, ints, floats)
+        return Launch(list(seqs), True, tokens)
 
-    def _fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for folder in sorted({os.path.dirname(os.path.dirname(__file__)), os.path.dirname(kernels.__file__)}):
-            for root, _, files in sorted(os.walk(folder)):
-                for name in sorted(f for f in files if f.endswith(".py")):
-                    with open(os.path.join(root, name), "rb") as f:
-                        h.update(name.encode() + f.read())
-        avals = [
-            (x.shape, str(x.dtype), str(x.sharding)) for x in jax.tree_util.tree_leaves((self.state, self.kv_caches))
-        ]
-        h.update(
-            repr(
-                (
-                    jax.__version__,
-                    jax.lib.__version__,
-                    [str(d) for d in self.mesh.devices.flat],
-                    [d.device_kind for d in self.mesh.devices.flat],
-                    os.environ.get("XLA_FLAGS", ""),
-                    jax.config.jax_default_matmul_precision,
-                    self.seed,
-                    self.vocab_size,
-                    avals,
-                    str(jax.tree_util.tree_structure((self.state, self.kv_caches))),
-                )
-            ).encode()
-        )
-        return h.hexdigest()[:32]
+    def prefill_logits(self, seqs: list[Sequence]) -> np.ndarray:
+        """A prefill step of `seqs` (as `prefill`), waited for: the float32 logits [len(seqs), V] of each
+        sequence's last scheduled token. Nothing is sampled. For parity checks."""
+        shape, ints, _, _ = self._prefill_inputs(seqs)
+        logits, self.kv_caches = self.programs["prefill", shape](self.state, self.kv_caches, ints)  # donated
+        return np.asarray(logits)[: len(seqs)]
 
-    def _path(self, key) -> str:
-        return os.path.join(
-            self.executable_dir, f"{self.fingerprint}-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}"
-        )
-
-    def _load(self, key):
-        if key in self.compiled or self.executable_dir is None:
-            return self.compiled.get(key)
-        try:
-            with open(self._path(key), "rb") as f:
-                blob, in_tree, out_tree = pickle.load(f)
-            self.compiled[key] = serialize_executable.deserialize_and_load(
-                blob, in_tree, out_tree, execution_devices=list(self.mesh.devices.flat)
-            )
-        except FileNotFoundError:
-            return None
-        except Exception as e:  # a stale or damaged file: rebuild it
-            warnings.warn(f"ignoring saved program {self._path(key)}: {e}", stacklevel=2)
-            return None
-        self.loaded_from_disk += 1
-        return self.compiled[key]
-
-    def _save(self, key, compiled):
-        self.compiled[key] = compiled
-        if self.executable_dir is None:
-            return
-        try:
-            os.makedirs(self.executable_dir, exist_ok=True)
-            tmp = f"{self._path(key)}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                pickle.dump(serialize_executable.serialize(compiled), f)
-            os.replace(tmp, self._path(key))  # readers only ever see complete files
-        except Exception as e:  # saving is an optimisation; a read-only cache dir must not stop the engine
-            warnings.warn(f"could not save compiled program to {self.executable_dir}: {e}", stacklevel=2)
-
-    def prepare(self, seqs: list[Sequence], is_prefill: bool, prev: list[Sequence] | None = None):
-        """Host side of a step: (shape, packed int32 inputs, float32 inputs, use_top_k_top_p).
-
-        `prev`: the decode step still in flight before this decode step; its sampled tokens are not
-        appended to `seqs` yet, so each sequence computes the position after its last and takes its
-        input id from `prev`'s tokens on the device.
-        """
-        n, bs = len(seqs), self.block_size
-        counts = [s.num_scheduled_tokens for s in seqs] if is_prefill else [1] * n
-        shape = self._shape(is_prefill, sum(counts), n)
-        T, B, W = shape.tokens, shape.seqs, shape.width
-        if is_prefill:
-            starts = [s.num_cached_tokens for s in seqs]
-            ids = [t for s, a, c in zip(seqs, starts, counts) for t in s.token_ids[a : a + c]]
-            positions = [p for a, c in zip(starts, counts) for p in range(a, a + c)]
-            owner = [i for i, c in enumerate(counts) for _ in range(c)]
-            src = [-1] * len(ids)
-        elif prev is None:
-            starts = [s.num_tokens - 1 for s in seqs]
-            ids, positions, owner, src = [s.last_token for s in seqs], starts, range(n), [-1] * n
-        else:
-            row = {id(s): i for i, s in enumerate(prev)}
-            starts = [s.num_tokens for s in seqs]
-            ids, positions, owner, src = [0] * n, starts, range(n), [row[id(s)] for s in seqs]
-        slots = [seqs[i].block_table[p // bs] * bs + p % bs for i, p in zip(owner, positions)]
+    def _prefill_inputs(self, seqs: list[Sequence]):
+        counts = [s.num_scheduled_tokens for s in seqs]
+        shape = self._prefill_shape(sum(counts))
+        ints, x = shape.ints().views(np.int32)
+        floats, f = shape.floats().views(np.float32)
+        starts = [s.num_cached_tokens for s in seqs]
+        n, bs, T = len(seqs), self.block_size, sum(counts)
+        positions = np.concatenate([np.arange(a, a + c, dtype=np.int32) for a, c in zip(starts, counts)])
+        tables = np.zeros((n, self.width), np.int32)
+        for i, s in enumerate(seqs):
+            tables[i, : len(s.block_table)] = s.block_table
+        x["input_ids"][:T] = [t for s, a, c in zip(seqs, starts, counts) for t in s.token_ids[a : a + c]]
+        owner = np.repeat(np.arange(n), counts)
+        x["positions"][:T] = positions
+        x["slot_mapping"][:] = -1
+        x["slot_mapping"][:T] = tables[owner, positions // bs] * bs + positions % bs
+        x["block_tables"][:n] = tables
         ends = np.cumsum(counts, dtype=np.int32)
-        pad_t, pad_b = [0] * (T - len(ids)), [0] * (B - n)
-        x = dict(
-            input_ids=ids + pad_t,
-            src_rows=src + [-1] * (T - len(ids)),
-            positions=positions + pad_t,
-            slot_mapping=slots + [-1] * (T - len(ids)),  # padded tokens write nowhere
-            block_tables=[t for s in seqs for t in s.block_table + [0] * (W - len(s.block_table))]
-            + [0] * (W * (B - n)),
-            context_lens=[a + c for a, c in zip(starts, counts)] + pad_b,  # padded sequences read nothing
-            cu_q_lens=[0, *ends.tolist()] + [int(ends[-1])] * (B - n),
-            logits_idx=(ends - 1).tolist() + pad_b,
-            top_ks=[s.top_k if s.top_k > 0 else self.vocab_size for s in seqs] + pad_b,
-            step=[self.step_count],
-        )
-        self.step_count += 1
-        ints = np.fromiter((v for name in shape.layout() for v in x[name]), np.int32, sum(shape.layout().values()))
-        floats = np.array(
-            [s.temperature for s in seqs] + [1.0] * (B - n) + [s.top_p for s in seqs] + [1.0] * (B - n), np.float32
-        )  # temperatures, then top_ps
+        x["context_lens"][:n] = np.asarray(starts) + counts
+        x["cu_q_lens"][1 : n + 1] = ends
+        x["cu_q_lens"][n + 1 :] = ends[-1]
+        x["logits_idx"][:n] = ends - 1
+        x["top_ks"][:n] = [s.top_k if s.top_k > 0 else self.vocab_size for s in seqs]
+        x["step"][0] = self.prefill_step_count
+        self.prefill_step_count += 1
+        f["temperatures"][:] = 1.0
+        f["top_ps"][:] = 1.0
+        f["temperatures"][:n] = [s.temperature for s in seqs]
+        f["top_ps"][:n] = [s.top_p for s in seqs]
         use_top_k_top_p = any(s.top_k > 0 or s.top_p < 1.0 for s in seqs)
+        ints, floats = jax.device_put((ints, floats), self.replicated)
         return shape, ints, floats, use_top_k_top_p
 
-    def dispatch(self, seqs: list[Sequence], is_prefill: bool, prev: list[Sequence] | None = None):
-        """Launches one step for the scheduled sequences (see `prepare` for `prev`) without waiting for
-        it; `collect` reads its sampled tokens."""
-        shape, ints, floats, use_top_k_top_p = self.prepare(seqs, is_prefill, prev)
-        step, sampler = self._executables(shape, use_top_k_top_p)
+    def decode(self, seqs: list[Sequence], steps: list[int], num_steps: int) -> Launch:
+        """Launches a decode window of up to `num_steps` steps over `seqs`, without waiting for it; `steps`
+        are the tokens each sequence adds unless it samples EOS (its blocks for them are allocated)."""
+        shape, ints, floats = self.batch.prepare(seqs, num_steps, self._window_shape)
+        use_top_k_top_p = any(s.top_k > 0 or s.top_p < 1.0 for s in self.batch.rows)
         ints, floats = jax.device_put((ints, floats), self.replicated)
-        logits, self.kv_caches = step(self.state, self.kv_caches, ints, self.last_tokens)  # caches donated
-        self.last_tokens = sampler(logits, ints, floats)
-        return self.last_tokens, len(seqs)
+        tokens, self.kv_caches, self.decode_state = self.programs["window", shape, use_top_k_top_p](
+            self.state, self.kv_caches, self.decode_state, ints, floats
+        )  # caches and decode state donated
+        planned = dict(zip((s.seq_id for s in seqs), steps, strict=True))
+        return Launch(list(self.batch.rows), False, tokens, [planned[s.seq_id] for s in self.batch.rows])
 
-    @staticmethod
-    def collect(handle) -> list[int]:
-        """The sampled token ids of a dispatched step, one per sequence (the step's one host read)."""
-        tokens, n = handle
-        return np.asarray(tokens)[:n].tolist()
-
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """One step for the scheduled sequences; returns one sampled token id per sequence."""
-        return self.collect(self.dispatch(seqs, is_prefill))
+    def run(self, seqs: list[Sequence], is_prefill: bool, num_steps: int = 1) -> np.ndarray:
+        """One step (prefill) or window (decode, `num_steps` steps for every sequence), waited for:
+        its sampled tokens ([B] prefill; [steps, B] decode, in `seqs` order). For benchmarks and tests."""
+        if is_prefill:
+            return self.prefill(seqs).read()[: len(seqs)]
+        self.batch.clear()  # every row joins from the host's state of `seqs`
+        launch = self.decode(seqs, [num_steps] * len(seqs), num_steps)
+        order = [launch.seqs.index(s) for s in seqs]
+        return launch.read()[:, order]

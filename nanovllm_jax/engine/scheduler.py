@@ -1,20 +1,24 @@
 """Continuous batching: which sequences the next step computes, and what its sampled tokens do.
 
 A step is either a prefill step (new, chunked or re-admitted sequences, up to max_num_seqs running
-and max_num_batched_tokens computed tokens, prefix-cache hits free) or a decode step (every running
-sequence, one token each). A prompt longer than the remaining token budget is chunked over several
-steps instead of blocking the queue. When the KV cache runs out during decode, the newest running
-sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
-recomputed later (mostly from its own blocks, which stay in the prefix cache until reused).
+and max_num_batched_tokens computed tokens, prefix-cache hits free) or a decode window (every running
+sequence, up to `decode_window` tokens each, fewer where max_tokens or max_model_len comes first). A
+window gets `decode_window` tokens only while no request waits and the cache has the blocks for all of
+them; otherwise one token, so that waiting requests are admitted at the next step. A prompt longer than
+the remaining token budget is chunked over several steps instead of blocking the queue. When the KV
+cache runs out during decode, the newest running sequence is preempted: its blocks are freed and it goes
+back to the front of the queue, to be recomputed later (mostly from its own blocks, which stay in the
+prefix cache until reused).
 
-`schedule_ahead` schedules the decode step after an in-flight one before that step's tokens are known,
-so that the engine can launch it while the host post-processes the in-flight step.
+`schedule_ahead` schedules the decode window after an in-flight one before that window's tokens are
+known, so that the engine can launch it while the host post-processes the in-flight one.
 """
 
 from collections import deque
 
 from nanovllm_jax.config import Config
 from nanovllm_jax.engine.block_manager import BlockManager
+from nanovllm_jax.engine.decode_batch import remaining_steps
 from nanovllm_jax.engine.sequence import Sequence, SequenceStatus
 
 
@@ -24,6 +28,7 @@ class Scheduler:
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
         self.eos_ids = frozenset(eos_ids)
+        self.decode_window = config.decode_window
         block_size = config.kvcache_block_size
         # NOTE: a sequence never holds KV for more than max_model_len tokens (it finishes on reaching
         # that length), so one max_model_len sequence alone always fits and preemption terminates.
@@ -35,14 +40,18 @@ class Scheduler:
         self.block_manager = BlockManager(num_blocks, block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
+        self.unfinished: dict[int, Sequence] = {}  # seq_id -> sequence, waiting or running
 
     def add(self, seq: Sequence):
         self.waiting.append(seq)
+        self.unfinished[seq.seq_id] = seq
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
+    def schedule(self) -> tuple[list[Sequence], bool, list[int]]:
+        """(sequences, is_prefill, steps): steps are the tokens each sequence's decode window adds unless
+        it samples EOS (prefill: 1 each)."""
         scheduled: list[Sequence] = []
         budget = self.max_num_batched_tokens
         # NOTE: at most one sequence is partially prefilled, and it is waiting[0]: a chunk uses up the
@@ -63,10 +72,15 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
         if scheduled:
-            return scheduled, True
+            return scheduled, True, [1] * len(scheduled)
         if not self.running:
             raise RuntimeError("internal error: nothing running and the first waiting sequence does not fit")
+        if not self.waiting:
+            steps = self._reserve(list(self.running), self.decode_window)
+            if steps is not None:
+                return list(self.running), False, steps
 
+        # One step, preempting the newest sequences while the cache is short.
         while self.running:
             seq = self.running.popleft()
             while not self.block_manager.can_append(seq):
@@ -82,31 +96,55 @@ class Scheduler:
         if not scheduled:
             raise RuntimeError("internal error: a sequence alone cannot get a KV block")
         self.running.extend(scheduled)
-        return scheduled, False
+        return scheduled, False, [1] * len(scheduled)
 
-    def schedule_ahead(self, seqs: list[Sequence]) -> list[Sequence] | None:
-        """The decode step after the in-flight decode step of `seqs`, as `schedule` will see it once that
-        step's tokens are in, or None where that is not sure to be a decode step of these sequences.
+    def schedule_ahead(self) -> tuple[list[Sequence], list[int]] | None:
+        """The decode window after the in-flight one, as `schedule` will see it once the in-flight tokens
+        are in, or None where that is not sure to be a decode window of the running sequences.
 
-        Sequences that the in-flight step finishes by length are left out; one that it finishes by
-        EOS is computed once more and its result dropped (`postprocess` skips finished sequences).
-        Each gets the block for the token after its next (`ahead=1`); nothing is preempted here.
+        Sequences that the in-flight window finishes by length are left out; one that it finishes by EOS
+        is computed for nothing (it stopped on the device) and its result dropped (`postprocess_window`
+        skips finished sequences). Nothing is preempted here.
         """
         if self.waiting:  # the next step may admit them (a prefill step)
             return None
-        ahead = [  # not finished yet, and not by the in-flight step's token
-            s
-            for s in seqs
-            if not s.is_finished
-            and s.num_completion_tokens + 1 < s.max_tokens
-            and s.num_tokens + 1 < self.max_model_len
-        ]
-        new_blocks = sum(self.block_manager.needs_block(s, ahead=1) for s in ahead)
-        if not ahead or new_blocks > self.block_manager.num_free_blocks:
+        seqs = [s for s in self.running if remaining_steps(s, self.max_model_len) > 0]
+        for window in dict.fromkeys((self.decode_window, 1)):
+            steps = self._reserve(seqs, window) if seqs else None
+            if steps is not None:
+                return seqs, steps
+        return None
+
+    def _reserve(self, seqs: list[Sequence], window: int) -> list[int] | None:
+        """Allocate the blocks of a `window`-step decode window of `seqs`, if the cache has them all: the
+        steps of each sequence, or None (nothing allocated)."""
+        steps = [min(window, remaining_steps(s, self.max_model_len)) for s in seqs]
+        bm = self.block_manager
+        # A window of n steps writes the KV of the last known token and of the n - 1 it samples first.
+        ends = [s.num_tokens + s.num_inflight_tokens + n - 1 for s, n in zip(seqs, steps)]
+        if sum(bm.blocks_to_cover(s, e) for s, e in zip(seqs, ends)) > bm.num_free_blocks:
             return None
-        for seq in ahead:
-            self.block_manager.may_append(seq, ahead=1)  # seq.num_scheduled_tokens stays 1
-        return ahead
+        for seq, end, n in zip(seqs, ends, steps):
+            bm.cover(seq, end)
+            seq.num_scheduled_tokens = n
+        return steps
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Drop an unfinished request: its blocks are freed and it finishes with reason "abort"."""
+        seq = self.unfinished.get(seq_id)
+        if seq is None:
+            return None
+        if seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+        self._finish(seq, "abort")
+        return seq
+
+    def _finish(self, seq: Sequence, reason: str):
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        self.block_manager.deallocate(seq)
+        del self.unfinished[seq.seq_id]
 
     def preempt(self, seq: Sequence):
         seq.status = SequenceStatus.WAITING
@@ -114,28 +152,53 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         self.waiting.appendleft(seq)
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
-        """Advance `seqs` past the step that `schedule` returned them for; `token_ids` are its samples.
-        Returns the sequences this step finished. Already finished sequences are skipped: an EOS seen
-        after their step was scheduled ahead (see `schedule_ahead`)."""
-        finished = []
-        for seq, token_id in zip(seqs, token_ids, strict=True):
-            if seq.is_finished:
-                continue
+    def postprocess(self, seqs: list[Sequence], token_ids) -> tuple[list[Sequence], list[Sequence]]:
+        """Advance `seqs` past the prefill step that `schedule` returned them for; `token_ids` are its
+        samples. Returns (the sequences this step finished, those that got a token)."""
+        finished, sampled = [], []
+        for seq, token_id in zip(seqs, token_ids[: len(seqs)], strict=True):
             self.block_manager.hash_blocks(seq)
             seq.num_cached_tokens += seq.num_scheduled_tokens
             if seq.num_cached_tokens < seq.num_tokens:
                 continue  # a prefill chunk short of the last token: its sample is meaningless
-            token_id = int(token_id)
-            seq.append_token(token_id)
-            if (
-                (not seq.ignore_eos and token_id in self.eos_ids)
-                or seq.num_completion_tokens >= seq.max_tokens
-                or seq.num_tokens >= self.max_model_len
-            ):
-                seq.status = SequenceStatus.FINISHED
-                self.block_manager.deallocate(seq)
+            seq.append_token(int(token_id))
+            sampled.append(seq)
+            if self._finish_if_done(seq):
                 finished.append(seq)
+        return self._drop_finished(finished), sampled
+
+    def postprocess_window(self, seqs: list[Sequence], steps: list[int], tokens) -> tuple[list[Sequence], list[int]]:
+        """Advance the rows `seqs` of a decode window past it; `tokens` [steps, rows] are its samples and
+        `steps` the tokens each row was to add. Already finished sequences are skipped: an EOS seen after
+        their next window was launched, or an abort. Returns (finished sequences, tokens added per row)."""
+        finished, added = [], []
+        for r, (seq, n) in enumerate(zip(seqs, steps)):
+            seq.num_inflight_tokens -= n
+            if seq.is_finished:
+                added.append(0)
+                continue
+            new = tokens[:n, r].tolist()
+            if not seq.ignore_eos:
+                new = next((new[: i + 1] for i, t in enumerate(new) if t in self.eos_ids), new)
+            for token_id in new:  # first, so that the blocks the window filled can be hashed
+                seq.append_token(token_id)
+            seq.num_scheduled_tokens = len(new)  # KV was written for the token before each new one
+            self.block_manager.hash_blocks(seq)
+            seq.num_cached_tokens += len(new)
+            added.append(len(new))
+            if self._finish_if_done(seq):
+                finished.append(seq)
+        return self._drop_finished(finished), added
+
+    def _finish_if_done(self, seq: Sequence) -> bool:
+        """Finish `seq` if its last token ends it. True if it finished."""
+        if not seq.ignore_eos and seq.last_token in self.eos_ids:
+            self._finish(seq, "stop")
+        elif seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+        return seq.is_finished
+
+    def _drop_finished(self, finished: list[Sequence]) -> list[Sequence]:
         if finished:
             self.running = deque(seq for seq in self.running if not seq.is_finished)
         return finished

@@ -3,9 +3,12 @@
 `num_cached_tokens` counts the leading tokens whose KV is in the cache (prefix-cache hits plus
 computed prefill chunks and decode steps); `num_scheduled_tokens` is how many tokens from there on
 the current step computes. Between steps a sequence in decode has exactly its last token uncached.
+`num_inflight_tokens` counts the tokens that launched but unread decode windows will append (fewer if
+one of them samples EOS).
 """
 
 from copy import copy
+from dataclasses import dataclass
 from enum import Enum, auto
 from itertools import count
 
@@ -16,6 +19,18 @@ class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
     FINISHED = auto()
+
+
+@dataclass
+class RequestOutput:
+    """What one request got from one `step()`: its new tokens, and whether and why it finished."""
+
+    seq_id: int
+    new_token_ids: list[int]  # the EOS token included, when it ends the request
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS), "length" (max_tokens or max_model_len), "abort", None
+    num_prompt_tokens: int
+    num_completion_tokens: int
 
 
 class Sequence:
@@ -33,7 +48,10 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)
         self.num_cached_tokens = 0
         self.num_scheduled_tokens = 0
+        self.num_inflight_tokens = 0
+        self.finish_reason: str | None = None
         self.block_table: list[int] = []
+        self.admission = 0  # block tables given so far (a preempted sequence gets a new one)
         self.temperature = sampling_params.temperature
         self.top_p = sampling_params.top_p
         self.top_k = sampling_params.top_k

@@ -1,0 +1,111 @@
+"""The engine's compiled programs: built once per bucket, at start-up or on first need, and saved on disk.
+
+JAX's persistent cache skips XLA's compilation but not tracing and lowering, which for a 28-layer model
+are most of a warm start-up. So the compiled programs themselves are saved too (GPU only: XLA:CPU's
+deserialized programs can miss functions), keyed by everything they depend on (`fingerprint`): this
+code, JAX, the devices, XLA's flags, and the shapes and shardings of the weights and the cache.
+
+NOTE: the hot loop calls these executables directly, so a step can never trigger a compile behind the
+engine's back: `ProgramCache.compiled` holds every program the engine has built.
+"""
+
+import hashlib
+import os
+import pickle
+import warnings
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+from jax.experimental import serialize_executable
+
+from nanovllm_jax import kernels
+
+
+def fingerprint(mesh, arrays, *extra) -> str:
+    """A hash of this package's and the kernels' source, JAX, the devices, XLA's flags, the avals of
+    `arrays` (a pytree) and `extra`."""
+    h = hashlib.sha256()
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for folder in sorted({package, os.path.dirname(kernels.__file__)}):
+        for root, _, files in sorted(os.walk(folder)):
+            for name in sorted(f for f in files if f.endswith(".py")):
+                with open(os.path.join(root, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    avals = [(x.shape, str(x.dtype), str(x.sharding)) for x in jax.tree_util.tree_leaves(arrays)]
+    h.update(
+        repr(
+            (
+                jax.__version__,
+                jax.lib.__version__,
+                [str(d) for d in mesh.devices.flat],
+                [d.device_kind for d in mesh.devices.flat],
+                os.environ.get("XLA_FLAGS", ""),
+                jax.config.jax_default_matmul_precision,
+                avals,
+                str(jax.tree_util.tree_structure(arrays)),
+                extra,
+            )
+        ).encode()
+    )
+    return h.hexdigest()[:32]
+
+
+class ProgramCache:
+    """Compiled programs by key; `lower(key)` traces and lowers the program of a key."""
+
+    def __init__(self, lower: Callable[[Hashable], object], devices, directory: str | None, fingerprint: str):
+        self.lower, self.devices, self.directory, self.fingerprint = lower, list(devices), directory, fingerprint
+        self.compiled: dict = {}
+        self.loaded_from_disk = 0
+
+    def __len__(self) -> int:
+        return len(self.compiled)
+
+    def __getitem__(self, key):
+        """The program of `key`, loaded or compiled here on first need (eager mode)."""
+        if key not in self.compiled and self._load(key) is None:
+            self._save(key, self.lower(key).compile())
+        return self.compiled[key]
+
+    def precompile(self, keys):
+        """Build every program of `keys`: saved ones load from disk; the rest are traced and lowered here
+        one at a time (Python), and XLA's compilations, which release the GIL, run in a thread pool."""
+        keys = list(dict.fromkeys(keys))
+        lowered = {key: self.lower(key) for key in keys if self._load(key) is None}
+        with ThreadPoolExecutor(max_workers=max(1, min(len(lowered), os.cpu_count() or 1))) as pool:
+            for key, program in zip(lowered, pool.map(lambda program: program.compile(), lowered.values())):
+                self._save(key, program)
+
+    def path(self, key) -> str:
+        return os.path.join(self.directory, f"{self.fingerprint}-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}")
+
+    def _load(self, key):
+        if key in self.compiled or self.directory is None:
+            return self.compiled.get(key)
+        try:
+            with open(self.path(key), "rb") as f:
+                blob, in_tree, out_tree = pickle.load(f)
+            self.compiled[key] = serialize_executable.deserialize_and_load(
+                blob, in_tree, out_tree, execution_devices=self.devices
+            )
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # a stale or damaged file: rebuild it
+            warnings.warn(f"ignoring saved program {self.path(key)}: {e}", stacklevel=2)
+            return None
+        self.loaded_from_disk += 1
+        return self.compiled[key]
+
+    def _save(self, key, compiled):
+        self.compiled[key] = compiled
+        if self.directory is None:
+            return
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            tmp = f"{self.path(key)}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                pickle.dump(serialize_executable.serialize(compiled), f)
+            os.replace(tmp, self.path(key))  # readers only ever see complete files
+        except Exception as e:  # saving is an optimisation; a read-only cache dir must not stop the engine
+            warnings.warn(f"could not save compiled program to {self.directory}: {e}", stacklevel=2)
