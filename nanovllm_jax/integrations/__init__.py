@@ -1,0 +1,1 @@
+"""Integrations with other systems; each imports its system lazily, so the package imports without it."""
