@@ -32,9 +32,7 @@ def main():
         path = cached_checkpoint("tiny")
         # Small buckets, so the CPU compiles few programs at start-up.
         engine_kw = dict(max_num_seqs=16, max_num_batched_tokens=1024, max_model_len=1024)
-        print(
-            f"model: tiny random Qwen3 checkpoint at {path}; its weights are random, so the text is gibberish"
-        )
+        print(f"model: tiny random Qwen3 checkpoint at {path}; its weights are random, so the text is gibberish")
 
     # Load tokenizer
     tokenizer = AutoTokenizer.from_pretrained(path)

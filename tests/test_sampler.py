@@ -103,10 +103,7 @@ def test_greedy_rows_and_mixed_batch(dtype, full):
         if full:  # top_k == 1 on a sampled row is greedy too
             np.testing.assert_array_equal(toks[[3, 7]], argmax[[3, 7]])
     # The sampled rows are really sampled: over seeds, row 1 (temperature 1, V=1000) varies.
-    rows = [
-        int(_sample(logits, temps, top_ks, top_ps, jax.random.key(s), use_top_k_top_p=full)[1])
-        for s in range(8)
-    ]
+    rows = [int(_sample(logits, temps, top_ks, top_ps, jax.random.key(s), use_top_k_top_p=full)[1]) for s in range(8)]
     assert len(set(rows)) > 1
 
 
