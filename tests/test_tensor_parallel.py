@@ -58,3 +58,21 @@ def test_tp_errors_name_the_numbers(checkpoint):
         ValueError, match=r"tensor_parallel_size=3 does not divide the 4 attention heads; use one of \[1, 2, 4\]"
     ):
         LLM(checkpoint("tiny"), tensor_parallel_size=3, **SMALL)
+
+
+def test_tp_fp8_kv_cache_matches_single_device(checkpoint):
+    # fp8 pages and their scales shard by kv head like the pages; at TP=4 the 2 kv heads are replicated.
+    path = checkpoint("tiny-gqa4")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 700, n).tolist() for n in (5, 300, 40)]
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    tokens = {
+        tp: [
+            o["token_ids"]
+            for o in LLM(path, tensor_parallel_size=tp, kv_cache_dtype="fp8", **SMALL).generate(
+                prompts, sp, use_tqdm=False
+            )
+        ]
+        for tp in (1, 2, 4)
+    }
+    assert tokens[2] == tokens[1] and tokens[4] == tokens[1]

@@ -2,13 +2,12 @@
 
 A step is either a prefill step (new, chunked or re-admitted sequences, up to max_num_seqs running
 and max_num_batched_tokens computed tokens, prefix-cache hits free) or a decode window (every running
-sequence, up to `decode_window` tokens each, fewer where max_tokens or max_model_len comes first). A
-window gets `decode_window` tokens only while no request waits and the cache has the blocks for all of
-them; otherwise one token, so that waiting requests are admitted at the next step. A prompt longer than
-the remaining token budget is chunked over several steps instead of blocking the queue. When the KV
-cache runs out during decode, the newest running sequence is preempted: its blocks are freed and it goes
-back to the front of the queue, to be recomputed later (mostly from its own blocks, which stay in the
-prefix cache until reused).
+sequence, up to `decode_window` tokens each, fewer where max_tokens or max_model_len comes first; one
+token each where the cache lacks the blocks for a whole window). Prefill comes first: a request that can
+be admitted is, at the next step. A prompt longer than the remaining token budget is chunked over
+several steps instead of blocking the queue. When the KV cache runs out during decode, the newest running
+sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
+later (mostly from its own blocks, which stay in the prefix cache until reused).
 
 `schedule_ahead` schedules the decode window after an in-flight one before that window's tokens are
 known, so that the engine can launch it while the host post-processes the in-flight one.
@@ -75,10 +74,12 @@ class Scheduler:
             return scheduled, True, [1] * len(scheduled)
         if not self.running:
             raise RuntimeError("internal error: nothing running and the first waiting sequence does not fit")
-        if not self.waiting:
-            steps = self._reserve(list(self.running), self.decode_window)
-            if steps is not None:
-                return list(self.running), False, steps
+        # NOTE: a window costs the GPU time of `decode_window` steps however few it decodes (its loop has a
+        # static trip count), so it is cut short only where the cache lacks the blocks; a request waiting
+        # here cannot be admitted before some sequence finishes anyway.
+        steps = self._reserve(list(self.running), self.decode_window)
+        if steps is not None:
+            return list(self.running), False, steps
 
         # One step, preempting the newest sequences while the cache is short.
         while self.running:
