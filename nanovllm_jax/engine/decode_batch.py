@@ -89,9 +89,10 @@ def remaining_steps(seq: Sequence, max_model_len: int) -> int:
 class DecodeBatch:
     """The host's map of the device rows, and the packing of a window's updates to them."""
 
-    def __init__(self, max_rows: int, width: int, vocab_size: int, max_model_len: int):
-        self.max_rows, self.width, self.vocab_size, self.max_model_len = max_rows, width, vocab_size, max_model_len
+    def __init__(self, vocab_size: int, max_model_len: int):
+        self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self.rows: list[Sequence] = []  # the sequence of each live row, as of the last prepared window
+        self.keys: list[tuple[int, int]] = []  # each row's (seq_id, admission) when it joined
         self.row_of: dict[tuple[int, int], int] = {}  # (seq_id, admission) -> row
         self.synced_blocks: list[int] = []  # block-table entries of each row already on the device
 
@@ -99,7 +100,7 @@ class DecodeBatch:
         """Rows for exactly `seqs` (each with its KV blocks for the window already allocated) and the
         update buffers of a window of `num_steps` steps. `shape_of(num_rows)` gives its shape (bucket)."""
         keep = {_key(s) for s in seqs}
-        leaving = [r for r, s in enumerate(self.rows) if _key(s) not in keep]
+        leaving = [r for r, key in enumerate(self.keys) if key not in keep]
         joining = [s for s in seqs if _key(s) not in self.row_of]
         n_kept = len(self.rows) - len(leaving)
         shape = shape_of(n_kept + len(joining))
@@ -109,15 +110,19 @@ class DecodeBatch:
             u[name][:] = -1
 
         for r in leaving:
-            del self.row_of[_key(self.rows[r])]
+            del self.row_of[self.keys[r]]
         # Compaction: the kept rows at n_kept or above move into the holes below n_kept.
         holes = [r for r in leaving if r < n_kept]
-        movers = [r for r in range(n_kept, len(self.rows)) if _key(self.rows[r]) in keep]
+        movers = [r for r in range(n_kept, len(self.rows)) if self.keys[r] in keep]
         for i, (dst, src) in enumerate(zip(holes, movers, strict=True)):
             u["move_dst"][i], u["move_src"][i] = dst, src
-            self.rows[dst], self.synced_blocks[dst] = self.rows[src], self.synced_blocks[src]
-            self.row_of[_key(self.rows[dst])] = dst
-        del self.rows[n_kept:], self.synced_blocks[n_kept:]
+            self.rows[dst], self.keys[dst], self.synced_blocks[dst] = (
+                self.rows[src],
+                self.keys[src],
+                self.synced_blocks[src],
+            )
+            self.row_of[self.keys[dst]] = dst
+        del self.rows[n_kept:], self.keys[n_kept:], self.synced_blocks[n_kept:]
 
         # New block-table entries of kept rows (a window's steps cross at most one block boundary).
         a = 0
@@ -130,6 +135,7 @@ class DecodeBatch:
         for i, seq in enumerate(joining):
             r = len(self.rows)
             self.rows.append(seq)
+            self.keys.append(_key(seq))
             self.row_of[_key(seq)] = r
             self.synced_blocks.append(len(seq.block_table))
             u["join_rows"][i] = r
@@ -146,4 +152,4 @@ class DecodeBatch:
 
     def clear(self):
         """Forget every row (the device state is then rebuilt by joins)."""
-        self.rows, self.row_of, self.synced_blocks = [], {}, []
+        self.rows, self.keys, self.row_of, self.synced_blocks = [], [], {}, []

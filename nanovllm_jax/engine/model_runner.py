@@ -99,7 +99,7 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self.cache_layout.allocate(self.num_blocks)
         self.decode_state = DecodeState.zeros(config.max_num_seqs, self.width, self.replicated)
-        self.batch = DecodeBatch(config.max_num_seqs, self.width, self.vocab_size, config.max_model_len)
+        self.batch = DecodeBatch(self.vocab_size, config.max_model_len)
         on_cpu = self.mesh.devices.flat[0].platform == "cpu"
         directory = None if on_cpu else os.path.join(jax.config.jax_compilation_cache_dir, "nanovllm_executables")
         arrays = (self.state, self.kv_caches, self.decode_state)
