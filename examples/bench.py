@@ -91,6 +91,7 @@ def main():
     p.add_argument("--decode-window", type=int, default=8, help="decode steps per device call (LLM decode_window)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="LLM kv_cache_dtype")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--profile-host", help="profile the timed run's Python (cProfile) and write the stats here")
     args = p.parse_args()
 
     import jax
@@ -141,9 +142,12 @@ def main():
     )
     startup = time.perf_counter() - t
     runner = llm.model_runner
+    phases = runner.startup_s | {f"programs_{k}": v for k, v in runner.programs.precompile_s.items()}
     print(
         f"Start-up: {startup:.2f}s (weights, KV cache of {runner.num_blocks} blocks ({args.kv_cache_dtype}), "
-        f"{len(runner.programs)} compiled programs; compilation cache {jax.config.jax_compilation_cache_dir})"
+        f"{len(runner.programs)} compiled programs ({runner.programs.loaded_from_disk} loaded from disk); "
+        f"compilation cache {jax.config.jax_compilation_cache_dir})\n"
+        f"Start-up phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items())
     )
     result = dict(
         model=model,
@@ -155,6 +159,8 @@ def main():
         startup_s=startup,
         num_kv_blocks=runner.num_blocks,
         compiled_programs=len(runner.programs),
+        loaded_programs=runner.programs.loaded_from_disk,
+        startup_phases_s=phases,
         cache_dir=jax.config.jax_compilation_cache_dir,
     )
     if args.startup_only:
@@ -170,9 +176,22 @@ def main():
     llm.generate(["Benchmark: "], SamplingParams())
     # The host's share: time spent waiting for a step's tokens (the device is busy then) vs the rest.
     before = dict(llm.stats)
+    profile = None
+    if args.profile_host:
+        import cProfile
+
+        profile = cProfile.Profile()
+        profile.enable()
     t = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t
+    if profile is not None:
+        import pstats
+
+        profile.disable()
+        with open(args.profile_host, "w") as f:
+            pstats.Stats(profile, stream=f).sort_stats("tottime").print_stats(40)
+        print(f"host profile (timed run, cProfile adds overhead) in {args.profile_host}")
     stats = {k: v - before[k] for k, v in llm.stats.items()}
     wait, steps = stats["device_wait_s"], stats["decode_steps"]
     total = sum(sp.max_tokens for sp in params)

@@ -16,6 +16,7 @@ runs per device inside `jax.shard_map`.
 
 import math
 import os
+import time
 from dataclasses import dataclass, replace
 
 import jax
@@ -77,6 +78,8 @@ class Launch:
 class ModelRunner:
     def __init__(self, config: Config, seed: int, eos_ids):
         self.config = config
+        self.startup_s: dict[str, float] = {}  # seconds per start-up phase, for benchmarks
+        clock = time.perf_counter()
         self.block_size = config.kvcache_block_size
         self.width = math.ceil(config.max_model_len / self.block_size)
         self.mesh = make_mesh(config.tensor_parallel_size)
@@ -96,8 +99,12 @@ class ModelRunner:
         self._sample = jax.jit(self._sample_fn, static_argnums=(3, 4))
         self._window = jax.jit(self._window_fn, static_argnums=(5, 6), donate_argnums=(1, 2))
         self.cache_layout = KVCacheLayout(self.shard_args, self.block_size, config.kv_cache_dtype, self.mesh)
+        jax.block_until_ready(self.state)
+        self.startup_s["weights"], clock = time.perf_counter() - clock, time.perf_counter()
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self.cache_layout.allocate(self.num_blocks)
+        jax.block_until_ready(self.kv_caches)
+        self.startup_s["kv_cache"], clock = time.perf_counter() - clock, time.perf_counter()
         self.decode_state = DecodeState.zeros(config.max_num_seqs, self.width, self.replicated)
         self.batch = DecodeBatch(self.vocab_size, config.max_model_len)
         on_cpu = self.mesh.devices.flat[0].platform == "cpu"
@@ -107,6 +114,7 @@ class ModelRunner:
         self.programs = ProgramCache(self._lower, self.mesh.devices.flat, directory, key)
         if not config.enforce_eager:
             self.programs.precompile(self.program_keys())
+        self.startup_s["programs"] = time.perf_counter() - clock
 
     # ---- device functions ---------------------------------------------------------------------------
 
@@ -150,39 +158,30 @@ class ModelRunner:
     def _window_fn(self, weights, kv_caches, decode_state, ints, floats, shape: WindowShape, use_top_k_top_p: bool):
         """Up to `shape.steps` decode steps -> (tokens [steps, B], caches, decode state)."""
         u = shape.ints().unpack(ints) | shape.floats().unpack(floats)
-        decode_state = decode_state.apply(u)
-        cache_specs = [tuple(CACHE_SPEC for _ in layer) for layer in kv_caches]
-        state_specs = jax.tree.map(lambda _: P(), decode_state)
-        loop = self._per_device(
-            lambda w, c, d, n, k: self._decode_loop(w, c, d, n, k, shape, use_top_k_top_p),
-            (self.state_specs, cache_specs, state_specs, P(), P()),
-            (P(), cache_specs, state_specs),
-        )
-        return loop(weights, kv_caches, decode_state, u["num_rows"][0], u["num_steps"][0])
-
-    def _decode_loop(
-        self, weights, kv_caches, d: DecodeState, num_rows, num_steps, shape: WindowShape, use_top_k_top_p
-    ):
-        model = nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, weights))
+        d = decode_state.apply(u)
         B, bs = shape.rows, self.block_size
-        live = jnp.arange(B) < num_rows  # rows >= num_rows are idle
+        live = jnp.arange(B) < u["num_rows"][0]  # rows >= num_rows are idle
+        num_steps = u["num_steps"][0]
         eos = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
+        cache_specs = [tuple(CACHE_SPEC for _ in layer) for layer in kv_caches]
+        # NOTE: under TP only one step's model and sampler run per device, and every input of that is used:
+        # with the whole loop inside one shard_map, jax 0.11.2's Shardy pass crashed the compiler (SIGSEGV in
+        # ManualComputationUnusedInputsPattern).
+        decode_step = self._per_device(
+            lambda *args: self._decode_step(*args, use_top_k_top_p=use_top_k_top_p),
+            (self.state_specs, cache_specs, *[P()] * 5),
+            (P(), cache_specs),
+        )
 
         def step(i, carry):
             r, kv_caches, out = carry
             active = live & (r.remaining > 0) & (i < num_steps)  # [B]
             page = jnp.take_along_axis(r.block_tables, jnp.minimum(r.positions // bs, shape.width - 1)[:, None], 1)
-            md = AttentionMetadata(
-                slot_mapping=jnp.where(active, page[:, 0] * bs + r.positions % bs, -1),  # stopped rows write nowhere
-                block_tables=r.block_tables,
-                context_lens=jnp.where(active, r.positions + 1, 0),  # and read nothing
-                cu_q_lens=jnp.arange(B + 1, dtype=jnp.int32),
-                is_prefill=False,
-            )
-            hidden, kv_caches = model(r.tokens, r.positions, kv_caches, md)
-            key = self._key(DECODE_STREAM, r.step)
-            logits = self._logits(model, hidden)
-            tokens = sample(logits, r.temperatures, r.top_ks, r.top_ps, key, use_top_k_top_p=use_top_k_top_p)
+            slots = jnp.where(active, page[:, 0] * bs + r.positions % bs, -1)  # stopped rows write nowhere
+            context_lens = jnp.where(active, r.positions + 1, 0)  # and read nothing
+            sampling = (r.temperatures, r.top_ks, r.top_ps) if use_top_k_top_p else (r.temperatures,)
+            pages = (slots, r.block_tables, context_lens)
+            tokens, kv_caches = decode_step(weights, kv_caches, r.tokens, r.positions, pages, r.step, sampling)
             stop = ~r.ignore_eos & (tokens[:, None] == eos[None, :]).any(-1)
             r = replace(
                 r,
@@ -201,6 +200,18 @@ class ModelRunner:
         rows, kv_caches, out = lax.fori_loop(0, shape.steps, step, (rows, kv_caches, out))
         d = jax.tree.map(lambda x, y: x.at[:B].set(y) if x.ndim else y, d, rows)
         return out, kv_caches, d
+
+    def _decode_step(self, weights, kv_caches, tokens, positions, pages, step, sampling, *, use_top_k_top_p):
+        """One decode step of the model and the sampler on B rows -> (sampled tokens [B], caches).
+        pages: (slot_mapping, block_tables, context_lens); sampling: (temperatures[, top_ks, top_ps])."""
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, weights))
+        B = tokens.shape[0]
+        md = AttentionMetadata(*pages, cu_q_lens=jnp.arange(B + 1, dtype=jnp.int32), is_prefill=False)
+        hidden, kv_caches = model(tokens, positions, kv_caches, md)
+        temperatures, top_ks, top_ps = sampling if use_top_k_top_p else (sampling[0], None, None)
+        key = self._key(DECODE_STREAM, step)
+        tokens = sample(self._logits(model, hidden), temperatures, top_ks, top_ps, key, use_top_k_top_p=use_top_k_top_p)
+        return tokens, kv_caches
 
     # ---- KV cache ------------------------------------------------------------------------------------
 
