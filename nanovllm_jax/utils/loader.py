@@ -3,9 +3,11 @@
 Each parameter is made with `jax.make_array_from_callback`: the callback of a device reads only that
 device's slice from the safetensors file (memory-mapped `get_slice`), so neither the host nor any device
 ever holds the whole model, and the host holds at most one tensor slice at a time. q/k/v and gate/up are
-fused per shard ([q_r | k_r | v_r], [gate_r | up_r]); HF's [out, in] weights become [in, out].
+fused per shard ([q_r | k_r | v_r], [gate_r | up_r]); HF's [out, in] weights are read as they are and
+transposed to [in, out] on the device.
 """
 
+import functools
 import json
 import os
 import re
@@ -58,58 +60,72 @@ class _Reader:
 
 
 def _param_plan(a: ModelArgs, full: ModelArgs, r: _Reader, tp: int):
-    """Path -> (PartitionSpec, fn(shard) -> this shard's numpy array). `a` has per-shard sizes."""
+    """Path -> (PartitionSpec, fn(shard) -> this shard's numpy array, transposed). `a` has per-shard sizes.
+    A transposed parameter's fn gives the shard in HF's [out, in] layout: it is transposed on the device."""
     h, n, k, inter, v = a.head_dim, a.num_heads, a.num_kv_heads, a.intermediate_size, a.vocab_size
 
     def kv_rows(s):  # kv heads of shard s; replicated when tp exceeds the kv heads
         first = s * k if full.num_kv_heads >= tp else s * full.num_kv_heads // tp
         return slice(first * h, (first + k) * h)
 
-    def vocab(name, s, transpose):
+    def vocab(name, s):
         rows = r.slice(name, slice(s * v, min((s + 1) * v, full.vocab_size)))
-        rows = np.pad(rows, ((0, v - rows.shape[0]), (0, 0)))  # vocab padded to a multiple of tp
-        return rows.T if transpose else rows
+        return np.pad(rows, ((0, v - rows.shape[0]), (0, 0)))  # vocab padded to a multiple of tp
 
-    plan = {"embed": (P(TP_AXIS, None), lambda s: vocab("model.embed_tokens.weight", s, False))}
-    plan["norm.weight"] = (P(), lambda s: r.slice("model.norm.weight"))
+    plan = {"embed": (P(TP_AXIS, None), lambda s: vocab("model.embed_tokens.weight", s), False)}
+    plan["norm.weight"] = (P(), lambda s: r.slice("model.norm.weight"), False)
     if not a.tie_word_embeddings:
-        plan["lm_head"] = (P(None, TP_AXIS), lambda s: vocab("lm_head.weight", s, True))
+        plan["lm_head"] = (P(None, TP_AXIS), lambda s: vocab("lm_head.weight", s), True)
     for i in range(a.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
         qkv = [hf + f"self_attn.{p}_proj." for p in "qkv"]
         gate, up = hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"
 
-        def fused_qkv(s, suffix, qkv=qkv):
+        def fused_qkv(s, suffix, qkv=qkv):  # [q_s; k_s; v_s] rows
             parts = [r.slice(qkv[0] + suffix, slice(s * n * h, (s + 1) * n * h))]
-            parts += [r.slice(name + suffix, kv_rows(s)) for name in qkv[1:]]
-            return np.concatenate([p.T if p.ndim == 2 else p for p in parts], axis=-1)
+            return np.concatenate(parts + [r.slice(name + suffix, kv_rows(s)) for name in qkv[1:]])
+
+        def columns(name, s, width):
+            return r.slice(name, cols=slice(s * width, (s + 1) * width))
+
+        def norm(name):
+            return P(), lambda s: r.slice(name), False
 
         plan |= {
-            ours + "input_norm.weight": (P(), lambda s, hf=hf: r.slice(hf + "input_layernorm.weight")),
-            ours + "post_attn_norm.weight": (P(), lambda s, hf=hf: r.slice(hf + "post_attention_layernorm.weight")),
-            ours + "attn.qkv": (P(None, TP_AXIS), lambda s, f=fused_qkv: f(s, "weight")),
+            ours + "input_norm.weight": norm(hf + "input_layernorm.weight"),
+            ours + "post_attn_norm.weight": norm(hf + "post_attention_layernorm.weight"),
+            ours + "attn.qkv": (P(None, TP_AXIS), lambda s, f=fused_qkv: f(s, "weight"), True),
             ours + "attn.o": (
                 P(TP_AXIS, None),
-                lambda s, hf=hf: r.slice(hf + "self_attn.o_proj.weight", cols=slice(s * n * h, (s + 1) * n * h)).T,
+                lambda s, hf=hf: columns(hf + "self_attn.o_proj.weight", s, n * h),
+                True,
             ),
             ours + "mlp.gate_up": (
                 P(None, TP_AXIS),
                 lambda s, g=gate, u=up: np.concatenate(
-                    [r.slice(g, slice(s * inter, (s + 1) * inter)).T, r.slice(u, slice(s * inter, (s + 1) * inter)).T],
-                    axis=1,
+                    [r.slice(g, slice(s * inter, (s + 1) * inter)), r.slice(u, slice(s * inter, (s + 1) * inter))]
                 ),
+                True,
             ),
             ours + "mlp.down": (
                 P(TP_AXIS, None),
-                lambda s, hf=hf: r.slice(hf + "mlp.down_proj.weight", cols=slice(s * inter, (s + 1) * inter)).T,
+                lambda s, hf=hf: columns(hf + "mlp.down_proj.weight", s, inter),
+                True,
             ),
         }
         if a.qkv_bias:
-            plan[ours + "attn.qkv_bias"] = (P(TP_AXIS), lambda s, f=fused_qkv: f(s, "bias"))
+            plan[ours + "attn.qkv_bias"] = (P(TP_AXIS), lambda s, f=fused_qkv: f(s, "bias"), False)
         if a.qk_norm:
-            plan[ours + "attn.q_norm.weight"] = (P(), lambda s, hf=hf: r.slice(hf + "self_attn.q_norm.weight"))
-            plan[ours + "attn.k_norm.weight"] = (P(), lambda s, hf=hf: r.slice(hf + "self_attn.k_norm.weight"))
+            plan[ours + "attn.q_norm.weight"] = norm(hf + "self_attn.q_norm.weight")
+            plan[ours + "attn.k_norm.weight"] = norm(hf + "self_attn.k_norm.weight")
     return plan
+
+
+@functools.cache
+def _transposer(sharding: NamedSharding):
+    """A [out, in] array -> its [in, out] transpose with `sharding`, on the device (on the host a transpose
+    is a strided copy, far slower than the device's)."""
+    return jax.jit(lambda x: x.T, out_shardings=sharding, donate_argnums=0)
 
 
 def expected_tensors(a: ModelArgs) -> set[str]:
@@ -164,18 +180,23 @@ def load_model(model_dir: str, hf_config, mesh: Mesh, attn_impl: str = "auto"):
 
         def load(path, leaf):
             key = ".".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path[:-1])
-            spec, read = plan[key]
+            spec, read, transposed = plan[key]
             specs[key] = spec
-            shape = tuple(d * tp if ax == TP_AXIS else d for d, ax in zip(leaf.shape, tuple(spec) + (None,) * 4))
+            # Read in the checkpoint's layout: the transpose of ours for a transposed parameter.
+            file_spec = P(*reversed(tuple(spec) + (None,) * (2 - len(spec)))) if transposed else spec
+            file_shard = leaf.shape[::-1] if transposed else leaf.shape
+            axes = tuple(file_spec) + (None,) * 4
+            shape = tuple(d * tp if ax == TP_AXIS else d for d, ax in zip(file_shard, axes))
 
             def shard(index):
-                axis = next((i for i, ax in enumerate(spec) if ax == TP_AXIS), None)
-                s = 0 if axis is None else (index[axis].start or 0) // leaf.shape[axis]
+                axis = next((i for i, ax in enumerate(file_spec) if ax == TP_AXIS), None)
+                s = 0 if axis is None else (index[axis].start or 0) // file_shard[axis]
                 x = read(s)
-                assert x.shape == leaf.shape, (key, x.shape, leaf.shape)
+                assert x.shape == file_shard, (key, x.shape, file_shard)
                 return x
 
-            return jax.make_array_from_callback(shape, NamedSharding(mesh, spec), shard)
+            x = jax.make_array_from_callback(shape, NamedSharding(mesh, file_spec), shard)
+            return _transposer(NamedSharding(mesh, spec))(x) if transposed else x
 
         state = jax.tree_util.tree_map_with_path(load, abstract)
     if set(specs) != set(plan):
