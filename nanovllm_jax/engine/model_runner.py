@@ -3,7 +3,8 @@
 Two kinds of program run the model, each compiled per bucket (at start-up unless `enforce_eager`, the JAX
 analogue of CUDA-graph capture):
 - a prefill step (`prefill`): the tokens of the scheduled sequences, packed on the host into one int32
-  and one float32 array (`PrefillShape`), then a separate sampler program (with or without top-k/top-p);
+  array (`PrefillShape`), then a separate sampler program per sequence count (`SampleShape`, with or
+  without top-k/top-p);
 - a decode window (`decode`): `decode_window` decode steps in one call, a loop over the model and the
   sampler on the `DecodeState` rows, which stay on the device between windows; the host sends only the
   rows' changes (`DecodeBatch`). Each row stops itself on EOS, max_tokens or max_model_len; a shorter
@@ -32,7 +33,7 @@ from nanovllm_jax.engine.decode_batch import DecodeBatch, DecodeState
 from nanovllm_jax.engine.kv_cache import CACHE_SPEC, CPU_KV_CACHE_BYTES, KVCacheLayout, blocks_from_memory
 from nanovllm_jax.engine.programs import ProgramCache, fingerprint
 from nanovllm_jax.engine.sequence import Sequence
-from nanovllm_jax.engine.step_inputs import PrefillShape, WindowShape
+from nanovllm_jax.engine.step_inputs import PrefillShape, SampleShape, WindowShape
 from nanovllm_jax.layers.attention import AttentionMetadata
 from nanovllm_jax.layers.sampler import sample
 from nanovllm_jax.utils.loader import TP_AXIS, load_model, make_mesh
@@ -150,7 +151,7 @@ class ModelRunner:
             weights, kv_caches, ints
         )
 
-    def _sample_fn(self, logits, ints, floats, shape: PrefillShape, use_top_k_top_p: bool):
+    def _sample_fn(self, logits, ints, floats, shape: SampleShape, use_top_k_top_p: bool):
         x, f = shape.ints().unpack(ints), shape.floats().unpack(floats)
         key = self._key(PREFILL_STREAM, x["step"][0])
         return sample(logits, f["temperatures"], x["top_ks"], f["top_ps"], key, use_top_k_top_p=use_top_k_top_p)
@@ -251,9 +252,10 @@ class ModelRunner:
     def program_keys(self) -> list:
         """Every program a run can need: per prefill bucket the step and its sampler, per decode bucket the
         window; each sampler with and without top-k/top-p."""
-        keys = [("prefill", self._prefill_shape(t)) for t in self.prefill_buckets]
+        prefill = [self._prefill_shape(t) for t in self.prefill_buckets]
+        keys = [("prefill", shape) for shape in prefill]
         for flag in (False, True):
-            keys += [("sample", self._prefill_shape(t), flag) for t in self.prefill_buckets]
+            keys += [("sample", SampleShape(seqs), flag) for seqs in sorted({shape.seqs for shape in prefill})]
             keys += [("window", self._window_shape(b), flag) for b in self.decode_buckets]
         return keys
 
@@ -268,8 +270,8 @@ class ModelRunner:
             return self._prefill.lower(self.state, self.kv_caches, spec(shape.ints(), jnp.int32), shape)
         if kind == "sample":
             logits = jax.ShapeDtypeStruct((shape.seqs, self.vocab_size), jnp.float32, sharding=rep)
-            floats = spec(shape.floats(), jnp.float32)
-            return self._sample.lower(logits, spec(shape.ints(), jnp.int32), floats, shape, key[2])
+            ints, floats = spec(shape.ints(), jnp.int32), spec(shape.floats(), jnp.float32)
+            return self._sample.lower(logits, ints, floats, shape, key[2])
         ints, floats = spec(shape.ints(), jnp.int32), spec(shape.floats(), jnp.float32)
         return self._window.lower(self.state, self.kv_caches, self.decode_state, ints, floats, shape, key[2])
 
@@ -278,23 +280,25 @@ class ModelRunner:
     def prefill(self, seqs: list[Sequence]) -> Launch:
         """Launches a prefill step of `seqs` (each computes its `num_scheduled_tokens` from
         `num_cached_tokens` on), without waiting for it."""
-        shape, ints, floats, use_top_k_top_p = self._prefill_inputs(seqs)
+        shape, ints = self._prefill_inputs(seqs)
+        sampler, sample_ints, sample_floats, use_top_k_top_p = self._sample_inputs(seqs, shape.seqs)
+        ints, sample_ints, sample_floats = jax.device_put((ints, sample_ints, sample_floats), self.replicated)
         logits, self.kv_caches = self.programs["prefill", shape](self.state, self.kv_caches, ints)  # donated
-        tokens = self.programs["sample", shape, use_top_k_top_p](logits, ints, floats)
+        tokens = self.programs["sample", sampler, use_top_k_top_p](logits, sample_ints, sample_floats)
         return Launch(list(seqs), True, tokens)
 
     def prefill_logits(self, seqs: list[Sequence]) -> np.ndarray:
         """A prefill step of `seqs` (as `prefill`), waited for: the float32 logits [len(seqs), V] of each
         sequence's last scheduled token. Nothing is sampled. For parity checks."""
-        shape, ints, _, _ = self._prefill_inputs(seqs)
+        shape, ints = self._prefill_inputs(seqs)
+        ints = jax.device_put(ints, self.replicated)
         logits, self.kv_caches = self.programs["prefill", shape](self.state, self.kv_caches, ints)  # donated
         return np.asarray(logits)[: len(seqs)]
 
-    def _prefill_inputs(self, seqs: list[Sequence]):
+    def _prefill_inputs(self, seqs: list[Sequence]) -> tuple[PrefillShape, np.ndarray]:
         counts = [s.num_scheduled_tokens for s in seqs]
         shape = self._prefill_shape(sum(counts))
         ints, x = shape.ints().views(np.int32)
-        floats, f = shape.floats().views(np.float32)
         starts = [s.num_cached_tokens for s in seqs]
         n, bs, T = len(seqs), self.block_size, sum(counts)
         positions = np.concatenate([np.arange(a, a + c, dtype=np.int32) for a, c in zip(starts, counts)])
@@ -312,6 +316,14 @@ class ModelRunner:
         x["cu_q_lens"][1 : n + 1] = ends
         x["cu_q_lens"][n + 1 :] = ends[-1]
         x["logits_idx"][:n] = ends - 1
+        return shape, ints
+
+    def _sample_inputs(self, seqs: list[Sequence], rows: int):
+        """The sampler's shape, int32 and float32 inputs for `seqs` padded to `rows`, and its variant."""
+        shape = SampleShape(rows)
+        ints, x = shape.ints().views(np.int32)
+        floats, f = shape.floats().views(np.float32)
+        n = len(seqs)
         x["top_ks"][:n] = [s.top_k if s.top_k > 0 else self.vocab_size for s in seqs]
         x["step"][0] = self.prefill_step_count
         self.prefill_step_count += 1
@@ -319,9 +331,7 @@ class ModelRunner:
         f["top_ps"][:] = 1.0
         f["temperatures"][:n] = [s.temperature for s in seqs]
         f["top_ps"][:n] = [s.top_p for s in seqs]
-        use_top_k_top_p = any(s.top_k > 0 or s.top_p < 1.0 for s in seqs)
-        ints, floats = jax.device_put((ints, floats), self.replicated)
-        return shape, ints, floats, use_top_k_top_p
+        return shape, ints, floats, any(s.top_k > 0 or s.top_p < 1.0 for s in seqs)
 
     def decode(self, seqs: list[Sequence], steps: list[int], num_steps: int) -> Launch:
         """Launches a decode window of up to `num_steps` steps over `seqs`, without waiting for it; `steps`

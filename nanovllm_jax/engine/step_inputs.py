@@ -55,14 +55,23 @@ class PrefillShape:
             context_lens=(B,),  # 0: a padded sequence, reads nothing
             cu_q_lens=(B + 1,),
             logits_idx=(B,),  # the token whose logits each sequence samples from (its last)
-            top_ks=(B,),
-            step=(1,),  # the sampler's rng counter
         )
+
+
+@dataclass(frozen=True)
+class SampleShape:
+    """The static shape of the sampler after a prefill step: B sequences (so the prefill buckets of one
+    sequence count share a sampler program)."""
+
+    seqs: int
+
+    @cache  # noqa: B019
+    def ints(self) -> Layout:
+        return Layout(top_ks=(self.seqs,), step=(1,))  # step: the sampler's rng counter
 
     @cache  # noqa: B019
     def floats(self) -> Layout:
-        B = self.seqs
-        return Layout(temperatures=(B,), top_ps=(B,))
+        return Layout(temperatures=(self.seqs,), top_ps=(self.seqs,))
 
 
 @dataclass(frozen=True)
