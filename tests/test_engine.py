@@ -215,6 +215,7 @@ def test_constructor_errors(tiny, tmp_path):
 
 
 def test_no_compiles_in_steady_state(llm, caplog):
+    llm.model_runner.programs.wait()  # the top-k/top-p programs, built in the background after start-up
     llm.generate(prompts_of([3, 40, 90]), GREEDY, use_tqdm=False)  # every program this workload needs
     programs = len(llm.model_runner.programs)
     jax.config.update("jax_log_compiles", True)
@@ -228,10 +229,23 @@ def test_no_compiles_in_steady_state(llm, caplog):
     assert len(llm.model_runner.programs) == programs
 
 
+def test_top_k_top_p_programs_are_built_in_the_background(tiny):
+    llm = LLM(tiny, **SMALL)
+    runner = llm.model_runner
+    deferred = runner.program_keys(use_top_k_top_p=True)
+    assert all(key in runner.programs.compiled for key in runner.program_keys(use_top_k_top_p=False))
+    sp = SamplingParams(temperature=0.8, top_k=5, top_p=0.9, max_tokens=6, ignore_eos=True)
+    outs = llm.generate(prompts_of([4, 30]), sp, use_tqdm=False)  # waits for the build if it still runs
+    assert [len(o["token_ids"]) for o in outs] == [6, 6]
+    assert all(key in runner.programs.compiled for key in deferred) and runner.programs.background_s > 0
+
+
 @pytest.mark.gpu  # programs are saved on GPU only (XLA:CPU's deserialized programs can miss functions)
 def test_second_start_loads_saved_programs(tiny, llm):
+    llm.model_runner.programs.wait()
     again = LLM(tiny, **SMALL)  # the `llm` fixture, same settings, saved every program
     programs = again.model_runner.programs
+    programs.wait()
     assert programs.loaded_from_disk == len(programs) > 0
     prompts = prompts_of([5, 50], seed=13)
     first = llm.generate(prompts, GREEDY, use_tqdm=False)
@@ -242,6 +256,7 @@ def test_second_start_loads_saved_programs(tiny, llm):
         f.write(b"not a program")
     with pytest.warns(UserWarning, match="ignoring saved program"):
         third = LLM(tiny, **SMALL)
+    third.model_runner.programs.wait()
     assert third.model_runner.programs.loaded_from_disk == len(third.model_runner.programs) - 1
     assert third.generate(prompts, GREEDY, use_tqdm=False) == first
 

@@ -1,7 +1,7 @@
 """ModelRunner: the weights, the KV cache, the decode batch on the device, and the jitted steps over them.
 
-Two kinds of program run the model, each compiled per bucket (at start-up unless `enforce_eager`, the JAX
-analogue of CUDA-graph capture):
+Two kinds of program run the model, each compiled per bucket (unless `enforce_eager`, the JAX analogue of
+CUDA-graph capture: at start-up, and those for top-k/top-p sampling in the background right after it):
 - a prefill step (`prefill`): the tokens of the scheduled sequences, packed on the host into one int32
   array (`PrefillShape`), then a separate sampler program per sequence count (`SampleShape`, with or
   without top-k/top-p);
@@ -11,8 +11,8 @@ analogue of CUDA-graph capture):
   window (`num_steps`) leaves the steps past it idle. Each sampler with or without top-k/top-p.
 Both return their sampled tokens as a device array without waiting (`Launch`); the engine reads them
 later, so the next window can be launched first. The KV cache and the decode state are donated to every
-program and rebound to its result, so the stores are in place. Under tensor parallelism each program
-runs per device inside `jax.shard_map`.
+program and rebound to its result, so the stores are in place. Under tensor parallelism the model runs
+per device inside `jax.shard_map`.
 """
 
 import math
@@ -113,8 +113,12 @@ class ModelRunner:
         arrays = (self.state, self.kv_caches, self.decode_state)
         key = fingerprint(self.mesh, arrays, seed, self.eos_ids, self.decode_window, self.vocab_size)
         self.programs = ProgramCache(self._lower, self.mesh.devices.flat, directory, key)
+        # Programs are lowered from these abstract values, so the background build (below) never touches
+        # the arrays that the steps donate.
+        self.avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), arrays)
         if not config.enforce_eager:
-            self.programs.precompile(self.program_keys())
+            self.programs.precompile(self.program_keys(use_top_k_top_p=False))
+            self.programs.build_in_background(self.program_keys(use_top_k_top_p=True))
         self.startup_s["programs"] = time.perf_counter() - clock
 
     # ---- device functions ---------------------------------------------------------------------------
@@ -249,15 +253,14 @@ class ModelRunner:
     def _window_shape(self, num_rows: int) -> WindowShape:
         return WindowShape(pick(self.decode_buckets, max(num_rows, 1)), self.width, self.decode_window)
 
-    def program_keys(self) -> list:
-        """Every program a run can need: per prefill bucket the step and its sampler, per decode bucket the
-        window; each sampler with and without top-k/top-p."""
+    def program_keys(self, use_top_k_top_p: bool) -> list:
+        """The programs of runs with (True) or without (False) a request that uses top-k/top-p: the prefill
+        step of each prefill bucket (without only), a sampler per sequence count and a window per decode
+        bucket. Start-up builds those without; those with are built in the background after it."""
         prefill = [self._prefill_shape(t) for t in self.prefill_buckets]
-        keys = [("prefill", shape) for shape in prefill]
-        for flag in (False, True):
-            keys += [("sample", SampleShape(seqs), flag) for seqs in sorted({shape.seqs for shape in prefill})]
-            keys += [("window", self._window_shape(b), flag) for b in self.decode_buckets]
-        return keys
+        keys = [] if use_top_k_top_p else [("prefill", shape) for shape in prefill]
+        keys += [("sample", SampleShape(n), use_top_k_top_p) for n in sorted({shape.seqs for shape in prefill})]
+        return keys + [("window", self._window_shape(b), use_top_k_top_p) for b in self.decode_buckets]
 
     def _lower(self, key):
         rep = self.replicated
@@ -266,14 +269,15 @@ class ModelRunner:
             return jax.ShapeDtypeStruct((layout.size,), dtype, sharding=rep)
 
         kind, shape = key[:2]
+        state, kv_caches, decode_state = self.avals
         if kind == "prefill":
-            return self._prefill.lower(self.state, self.kv_caches, spec(shape.ints(), jnp.int32), shape)
+            return self._prefill.lower(state, kv_caches, spec(shape.ints(), jnp.int32), shape)
         if kind == "sample":
             logits = jax.ShapeDtypeStruct((shape.seqs, self.vocab_size), jnp.float32, sharding=rep)
             ints, floats = spec(shape.ints(), jnp.int32), spec(shape.floats(), jnp.float32)
             return self._sample.lower(logits, ints, floats, shape, key[2])
         ints, floats = spec(shape.ints(), jnp.int32), spec(shape.floats(), jnp.float32)
-        return self._window.lower(self.state, self.kv_caches, self.decode_state, ints, floats, shape, key[2])
+        return self._window.lower(state, kv_caches, decode_state, ints, floats, shape, key[2])
 
     # ---- host side -----------------------------------------------------------------------------------
 

@@ -5,13 +5,18 @@ are most of a warm start-up. So the compiled programs themselves are saved too (
 deserialized programs can miss functions), keyed by everything they depend on (`fingerprint`): this
 code, JAX, the devices, XLA's flags, and the shapes and shardings of the weights and the cache.
 
+Programs a run may never need can be built in a background thread after start-up
+(`build_in_background`); a step that needs one of them before it is built waits for that build.
+
 NOTE: the hot loop calls these executables directly, so a step can never trigger a compile behind the
 engine's back: `ProgramCache.compiled` holds every program the engine has built.
 """
 
+import atexit
 import hashlib
 import os
 import pickle
+import threading
 import time
 import warnings
 from collections.abc import Callable, Hashable
@@ -60,12 +65,19 @@ class ProgramCache:
         self.compiled: dict = {}
         self.loaded_from_disk = 0
         self.precompile_s = dict(load=0.0, lower=0.0, compile=0.0)  # where `precompile` spent its time
+        self.background_s = 0.0  # wall time of the background build
+        self._background: threading.Thread | None = None
+        self._deferred: set = set()
+        self._stop = threading.Event()
 
     def __len__(self) -> int:
         return len(self.compiled)
 
     def __getitem__(self, key):
-        """The program of `key`, loaded or compiled here on first need (eager mode)."""
+        """The program of `key`, loaded or compiled here on first need (eager mode), after the background
+        build if that is to build it."""
+        if key not in self.compiled and key in self._deferred:
+            self.wait()
         if key not in self.compiled and self._load(key) is None:
             self._save(key, self.lower(key).compile())
         return self.compiled[key]
@@ -76,13 +88,50 @@ class ProgramCache:
         t0 = time.perf_counter()
         missing = [key for key in dict.fromkeys(keys) if self._load(key) is None]
         t1 = time.perf_counter()
-        lowered = {key: self.lower(key) for key in missing}
+        lowered = {}
+        for key in missing:
+            if self._stop.is_set():  # the interpreter is exiting
+                return
+            lowered[key] = self.lower(key)
         t2 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=max(1, min(len(lowered), os.cpu_count() or 1))) as pool:
             for key, program in zip(lowered, pool.map(lambda program: program.compile(), lowered.values())):
                 self._save(key, program)
-        for phase, dt in zip(("load", "lower", "compile"), (t1 - t0, t2 - t1, time.perf_counter() - t2)):
-            self.precompile_s[phase] += dt
+        if threading.current_thread() is not self._background:
+            for phase, dt in zip(("load", "lower", "compile"), (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                self.precompile_s[phase] += dt
+
+    def build_in_background(self, keys):
+        """Build the programs of `keys` (as `precompile`) in a daemon thread; a lookup of one of them
+        waits for the whole build (`wait`). At interpreter exit the build stops after its current step."""
+        self.wait()
+        self._deferred = set(keys) - set(self.compiled)
+        if not self._deferred:
+            return
+        self._background = threading.Thread(
+            target=self._build, args=(list(dict.fromkeys(keys)),), name="nanovllm-jax-programs", daemon=True
+        )
+        atexit.register(self._stop_background)  # unregistered when the build ends (it holds the runner)
+        self._background.start()
+
+    def wait(self):
+        """Return once the background build, if any, is done."""
+        if self._background is not None:
+            self._background.join()
+
+    def _build(self, keys):
+        start = time.perf_counter()
+        try:
+            self.precompile(keys)
+        except Exception as e:  # a program it missed is built on first need, where an error surfaces
+            warnings.warn(f"background build of compiled programs failed: {e!r}", stacklevel=1)
+        finally:
+            self.background_s = time.perf_counter() - start
+            atexit.unregister(self._stop_background)
+
+    def _stop_background(self):
+        self._stop.set()
+        self.wait()
 
     def path(self, key) -> str:
         return os.path.join(self.directory, f"{self.fingerprint}-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}")
