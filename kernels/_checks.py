@@ -2,6 +2,8 @@
 
 import jax.numpy as jnp
 
+MIN_ROWS = 16  # the smallest dot operand dimension of the Triton lowering
+
 
 def check_cache(k_cache, v_cache):
     if k_cache.ndim != 4:
@@ -69,3 +71,11 @@ def check_prefill(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, k_
             f"need cu_q_lens [B+1] and context_lens [B] for B={b} sequences,"
             f" got {cu_q_lens.shape} and {context_lens.shape}"
         )
+
+
+def check_triton_shapes(head_dim: int, block_size: int, block_k: int):
+    """What the Triton-lowered attention kernels need of the head dim and of their key blocks."""
+    if block_k < MIN_ROWS:
+        raise ValueError(f"the page size {block_size} must be a multiple of {MIN_ROWS} for the kernel")
+    if head_dim & (head_dim - 1) or head_dim < MIN_ROWS:
+        raise ValueError(f"the kernel needs a power-of-two head_dim >= {MIN_ROWS}, got {head_dim}")

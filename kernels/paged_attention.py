@@ -37,12 +37,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ._checks import check_cache_and_scales, check_int32, check_query
+from ._checks import MIN_ROWS, check_cache_and_scales, check_int32, check_query, check_triton_shapes
 from .kv_layout import FP8_DTYPE, dequantize_fp8
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-NUM_SMS = 132  # H100 SXM; only steers the split heuristic
-MIN_ROWS = 16  # the smallest dot operand dimension of the Triton lowering
 FP8_DECODE = "native"  # how the kernels turn e4m3 bytes into numbers: "native" or "int" (see `decode_e4m3`)
 
 
@@ -140,7 +138,8 @@ def _decode_kernel(
 
 def _default_splits(batch, num_kv_heads, max_blocks):
     """Splits so that batch x kv heads x splits covers the SMs about twice (a power of two; measured)."""
-    want = max(1, (2 * NUM_SMS) // (batch * num_kv_heads))
+    num_sms = getattr(jax.devices()[0], "core_count", None) or 132  # interpret mode on CPU: an H100's
+    want = max(1, (2 * num_sms) // (batch * num_kv_heads))
     return max(1, min(1 << (want.bit_length() - 1), max_blocks))
 
 
@@ -279,14 +278,8 @@ def _block_k(block_size, head_dim, dtype, block_k):
     if block_k is None:
         block_k = 256 if dtype == jnp.bfloat16 and head_dim <= 128 else 64
     block_k = min(block_k, block_size & -block_size)  # largest power of two dividing the page size
-    if block_k < MIN_ROWS:
-        raise ValueError(f"the page size {block_size} must be a multiple of {MIN_ROWS} for the kernel")
+    check_triton_shapes(head_dim, block_size, block_k)
     return block_k
-
-
-def _check_head_dim(head_dim):
-    if head_dim & (head_dim - 1) or head_dim < MIN_ROWS:
-        raise ValueError(f"the kernel needs a power-of-two head_dim >= {MIN_ROWS}, got {head_dim}")
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
@@ -323,7 +316,6 @@ def paged_decode_attention(
     if jax.default_backend() == "cpu" and not interpret:
         return _decode_jnp(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale, scale=scale)
     _, num_kv_heads, block_size, head_dim = k_cache.shape
-    _check_head_dim(head_dim)
     fp8 = None if k_scale is None else (fp8_decode or FP8_DECODE)
     tuned = block_k is None and num_stages is None
     block_k = _block_k(block_size, head_dim, q.dtype, block_k)  # fp8: the tile is decoded to q's dtype

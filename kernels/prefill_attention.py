@@ -29,17 +29,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ._checks import MIN_ROWS, check_triton_shapes
 from ._checks import check_prefill as _check
-from .paged_attention import FP8_DECODE, FP8_UNIT, decode_e4m3, gather_pages
+from .paged_attention import FP8_DECODE, FP8_UNIT, MASK_VALUE, decode_e4m3, gather_pages
 from .prefill_attention_mgpu import paged_prefill_attention_mgpu, supports_mgpu
-
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-MIN_ROWS = 16  # the smallest dot operand dimension of the Triton lowering
 
 
 def _prefill_kernel(
@@ -334,8 +331,6 @@ def paged_prefill_attention(
                 "number of q heads per kv head (see supports_mgpu); use backend='triton' or 'auto'"
             )
     _, num_kv_heads, block_size, head_dim = k_cache.shape
-    if head_dim & (head_dim - 1) or head_dim < MIN_ROWS:
-        raise ValueError(f"the kernel needs a power-of-two head_dim >= {MIN_ROWS}, got {head_dim}")
     group = q.shape[1] // num_kv_heads
     if group & (group - 1):
         raise ValueError(f"the kernel needs a power-of-two q heads per kv head, got {group}")
@@ -345,8 +340,7 @@ def paged_prefill_attention(
     if block_k is None:
         block_k = 64 if q.dtype == jnp.bfloat16 else 32  # fp32 tiles: shared memory
     block_k = min(block_k, block_size & -block_size)  # a power of two dividing the page size
-    if block_k < MIN_ROWS:
-        raise ValueError(f"the page size {block_size} must be a multiple of {MIN_ROWS} for the kernel")
+    check_triton_shapes(head_dim, block_size, block_k)
     scale = head_dim**-0.5 if scale is None else float(scale)
     num_warps = 4 if num_warps is None else num_warps
     num_stages = 2 if num_stages is None else num_stages
