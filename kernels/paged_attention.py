@@ -2,11 +2,9 @@
 
 Backend: the Triton lowering of Pallas. Each program reads pages picked by a block table (a scalar
 load, then a dynamic slice of the cache), masks the ragged tail with masked loads (so NaN in slots past
-the context never enters a product), and runs in interpret mode on the CPU for the tests. Measured on
-the H100 (jax 0.11.2, BENCHMARKS.md "## Kernels"): 98-108% of the measured copy bandwidth (read + write,
-2.72 TB/s) at batch >= 64 and context >= 1024, 45% (13.7 us) at batch 1 and context 4096, 1.29-1.42x
-the Triton peer `jax.experimental.pallas.ops.gpu.paged_attention` there. At that fraction of the memory
-ceiling a Mosaic GPU version could gain little, so none was written (not measured).
+the context never enters a product), and runs in interpret mode on the CPU for the tests. It reads the
+cache near the copy bandwidth at batch >= 64 (BENCHMARKS.md, "## Kernels"), so no Mosaic GPU version
+was written.
 
 Work split (flash-decoding): the grid is (batch, kv head, split). All G = N / K query heads of one kv
 head share a program, so K/V are read once per kv head (GQA without repeats); the G rows are padded

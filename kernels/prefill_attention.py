@@ -1,11 +1,9 @@
 """Prefill attention over packed variable-length prompts, each with an optional cached prefix.
 
-Backends, chosen by measurement (H100, jax 0.11.2, BENCHMARKS.md "## Kernels"; sequences of 512-639
-tokens, causal FLOPs counted once): on Hopper, bf16 inputs that `supports_mgpu` accepts go to the
-Mosaic GPU kernel in prefill_attention_mgpu.py (wgmma + TMA, bf16: 120 / 167 / 190 / 202 TFLOP/s at 2k / 4k /
-8k / 16k packed tokens), everything else to the Triton-lowered kernel here (126 / 146 / 154 / 163 with its
-default 64-row tiles, measured 2026-11-24; 113 / 134 / 145 / 161 with 128-row tiles), which also runs in
-interpret mode on the CPU for the tests. Neither reaches the 250 target.
+Backends, chosen by measurement (BENCHMARKS.md, "## Kernels"): on Hopper, bf16 inputs that
+`supports_mgpu` accepts go to the Mosaic GPU kernel in prefill_attention_mgpu.py (wgmma + TMA, the faster
+from 4k packed tokens up), everything else to the Triton-lowered kernel here, which also runs in interpret
+mode on the CPU for the tests.
 
 The Triton kernel: keys and values come from pages picked by the block table, the ragged edges need
 masked loads and stores.

@@ -2,11 +2,8 @@
 
 Same contract as `paged_prefill_attention` in prefill_attention.py, whose Triton-lowered kernel stays the
 fallback and the CPU interpret path. Backend: Pallas' Mosaic GPU lowering (wgmma from shared memory fed
-by TMA, warp-specialised). Measured on the H100 (jax 0.11.2, `bash kernels/check_mgpu.sh bench`, Qwen3-0.6B
-heads, prompts of 512-639 tokens, causal FLOPs counted once, work list included): 120 / 167 / 190 / 202
-TFLOP/s at 2k / 4k / 8k / 16k packed tokens against the Triton kernel's 113 / 134 / 145 / 160 in the same
-run (its 128-row tiles then; 126 / 146 / 154 / 163 with its 64-row default); the 250 target is not
-reached (see the notes at the end of this docstring). Only bfloat16 with head_dim 64 or 128, a
+by TMA, warp-specialised); its speed against the Triton kernel, and what was tried to raise it, are in
+BENCHMARKS.md ("## Kernels", `bash kernels/check_mgpu.sh bench`). Only bfloat16 with head_dim 64 or 128, a
 power-of-two number of q heads per kv head (at most 16) and a page size that is a multiple of 64 run
 here; `supports_mgpu` says which inputs qualify.
 
@@ -33,21 +30,6 @@ Design (FlashAttention-3 style, after JAX's attention_mgpu, but persistent and p
   V block past the context are zeroed in shared memory before the P @ V matmul (0 * NaN would leak
   otherwise; both compute warpgroups write the same values there, a benign race). Rows with no keys (the
   padded tail) output 0.
-
-Notes from the measurements (H100, 8k tokens): the kernel alone takes 96 us (200 TFLOP/s) and the work
-list 8 us. Nsight Compute showed the tensor pipe 36% busy at 1.42 GHz, few eligible warps, and stalls
-mostly on memory dependencies; dropping the exponentials or the whole softmax saved only 3-7%, so the
-time goes to latency between the short per-tile key loops (about 5 steps of 64 keys per tile here), not
-to arithmetic. The ping-pong schedule barrier of attention_mgpu (`use_schedule_barrier`) was 2-4% slower
-here; blocks of 128 keys (2 stages) were 5-15% slower than 64 (3 stages); 4 stages of 64 matched 3.
-Tried and reverted (no gain, BENCHMARKS.md): issuing the next Q K^T before the softmax (ptxas scheduled
-it after the softmax anyway, reusing the score registers), page ids two steps ahead, and separate K and
-V memory warpgroups. Per-instruction stall sampling puts nearly as many warp samples in the once-per-item
-code (first K wait, first Q K^T, last P V, epilogue: 23%) as in the key-step loop (30%). Halving the items
-by giving each warpgroup two tiles (two accumulators) was correct but spilled (600-byte stack frame) and
-ran at 93 TFLOP/s; one compute warpgroup per program with two programs per SM ran at 149-157, the two
-never sharing an SM. JAX's dense attention_mgpu runs at 193 TFLOP/s on 512-token causal sequences on the
-same H100.
 """
 
 import functools
