@@ -125,7 +125,7 @@ def _param_plan(a: ModelArgs, full: ModelArgs, r: _Reader, tp: int):
 def _transposer(sharding: NamedSharding):
     """A [out, in] array -> its [in, out] transpose with `sharding`, on the device (on the host a transpose
     is a strided copy, far slower than the device's)."""
-    return jax.jit(lambda x: x.T, out_shardings=sharding, donate_argnums=0)
+    return jax.jit(lambda x: x.T, out_shardings=sharding)  # the [out, in] copy is freed when dropped
 
 
 def expected_tensors(a: ModelArgs) -> set[str]:
