@@ -47,6 +47,40 @@ def cached_checkpoint(size: str, dtype: str | None = None, root: str = CACHE_ROO
     return path
 
 
+# The workload and engine settings without a flag: nano-vllm's bench on GPUs, a run of about a minute on CPU.
+FULL = dict(
+    size="qwen3-0.6b",
+    num_seqs=256,
+    max_input_len=1024,
+    max_output_len=1024,
+    max_num_seqs=512,
+    max_num_batched_tokens=16384,
+)
+SMALL = dict(
+    size="tiny", num_seqs=16, max_input_len=128, max_output_len=64, max_num_seqs=64, max_num_batched_tokens=2048
+)
+
+
+def add_workload_args(p: argparse.ArgumentParser):
+    """The model, workload and engine-size flags that bench.py, dp_processes.py and ray_batch.py share."""
+    p.add_argument("--model", help="a Hugging Face Qwen3 directory (default: a random checkpoint of --size)")
+    p.add_argument("--size", help="random checkpoint size without --model (default: qwen3-0.6b; tiny on CPU)")
+    p.add_argument("--num-seqs", type=int, help="default 256 (16 on CPU)")
+    p.add_argument("--max-input-len", type=int, help="default 1024 (128 on CPU)")
+    p.add_argument("--max-output-len", type=int, help="default 1024 (64 on CPU)")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, help="engine default 512 (64 on CPU)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="engine default 16384 (2048 on CPU)")
+    p.add_argument("--enforce-eager", action="store_true", help="compile each bucket on first use, not at start-up")
+
+
+def fill_workload_defaults(args, on_gpu: bool):
+    """Every flag of `add_workload_args` left unset takes FULL's value on GPUs, SMALL's on CPU."""
+    for name, default in (FULL if on_gpu else SMALL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def workload(num_seqs: int, max_input_len: int, max_output_len: int, vocab_size: int, min_len: int = 100):
     """nano-vllm's draw order: every prompt (length, then its ids), then every max_tokens.
 
@@ -74,16 +108,8 @@ def workload(num_seqs: int, max_input_len: int, max_output_len: int, vocab_size:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="a Hugging Face Qwen3 directory (default: a random checkpoint of --size)")
-    p.add_argument("--size", help="random checkpoint size without --model (default: qwen3-0.6b; tiny on CPU)")
-    p.add_argument("--num-seqs", type=int, help="default 256 (16 on CPU)")
-    p.add_argument("--max-input-len", type=int, help="default 1024 (128 on CPU)")
-    p.add_argument("--max-output-len", type=int, help="default 1024 (64 on CPU)")
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, help="engine default 512 (64 on CPU)")
-    p.add_argument("--max-num-batched-tokens", type=int, help="engine default 16384 (2048 on CPU)")
+    add_workload_args(p)
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
-    p.add_argument("--enforce-eager", action="store_true", help="compile each bucket on first use, not at start-up")
     p.add_argument("--cache-dir", help="persistent compilation cache dir (default: the engine's, or JAX's setting)")
     p.add_argument("--startup-only", action="store_true", help="build the LLM, print its start-up time, and exit")
     p.add_argument(
@@ -105,26 +131,7 @@ def main():
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from nanovllm_jax import LLM, SamplingParams
 
-    on_cpu = jax.default_backend() == "cpu"
-    small = dict(
-        size="tiny",
-        num_seqs=16,
-        max_input_len=128,
-        max_output_len=64,
-        max_num_seqs=64,
-        max_num_batched_tokens=2048,
-    )
-    full = dict(
-        size="qwen3-0.6b",
-        num_seqs=256,
-        max_input_len=1024,
-        max_output_len=1024,
-        max_num_seqs=512,
-        max_num_batched_tokens=16384,
-    )
-    for name, default in (small if on_cpu else full).items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
+    fill_workload_defaults(args, on_gpu=jax.default_backend() != "cpu")
     model = args.model or cached_checkpoint(args.size)
     device = jax.devices()[0]
     print(f"jax {jax.__version__}, {jax.default_backend()}: {jax.device_count()} x {device.device_kind}")

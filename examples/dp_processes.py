@@ -24,7 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import cached_checkpoint, workload, write_json  # noqa: E402
+from bench import add_workload_args, cached_checkpoint, fill_workload_defaults, workload, write_json  # noqa: E402
 
 
 def count_gpus() -> int:
@@ -72,18 +72,10 @@ def worker(rank: int, devices: str | None, model: str, engine: dict, prompts, pa
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="a Hugging Face Qwen3 directory (default: a random checkpoint of --size)")
-    p.add_argument("--size", help="random checkpoint size without --model (default: qwen3-0.6b; tiny on CPU)")
+    add_workload_args(p)
     p.add_argument("--num-procs", type=int, default=2, help="engine processes, each on --tp GPUs")
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of each process")
     p.add_argument("--cpu", action="store_true", help="run on CPU even where GPUs are visible")
-    p.add_argument("--num-seqs", type=int, help="default 256 (16 on CPU)")
-    p.add_argument("--max-input-len", type=int, help="default 1024 (128 on CPU)")
-    p.add_argument("--max-output-len", type=int, help="default 1024 (64 on CPU)")
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, help="engine default 512 (64 on CPU)")
-    p.add_argument("--max-num-batched-tokens", type=int, help="engine default 16384 (2048 on CPU)")
-    p.add_argument("--enforce-eager", action="store_true", help="compile each bucket on first use")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
 
@@ -91,13 +83,7 @@ def main():
     on_gpu = num_gpus > 0
     if on_gpu and num_gpus < args.num_procs * args.tp:
         p.error(f"{args.num_procs} processes x tp={args.tp} need {args.num_procs * args.tp} GPUs; {num_gpus} visible")
-    small = dict(size="tiny", num_seqs=16, max_input_len=128, max_output_len=64, max_num_seqs=64)
-    small |= dict(max_num_batched_tokens=2048)
-    full = dict(size="qwen3-0.6b", num_seqs=256, max_input_len=1024, max_output_len=1024, max_num_seqs=512)
-    full |= dict(max_num_batched_tokens=16384)
-    for name, default in (full if on_gpu else small).items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
+    fill_workload_defaults(args, on_gpu)
     model = args.model or cached_checkpoint(args.size)  # written once, here, before any process reads it
     with open(os.path.join(model, "config.json")) as f:
         vocab_size = json.load(f)["vocab_size"]

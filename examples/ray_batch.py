@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import cached_checkpoint, workload, write_json  # noqa: E402
+from bench import add_workload_args, cached_checkpoint, fill_workload_defaults, workload, write_json  # noqa: E402
 
 from nanovllm_jax import SamplingParams  # noqa: E402
 from nanovllm_jax.integrations.ray_data import LLMPredictor, run_ray_data  # noqa: E402
@@ -49,17 +49,9 @@ class TimedPredictor(LLMPredictor):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="a Hugging Face Qwen3 directory (default: a random checkpoint of --size)")
-    p.add_argument("--size", help="random checkpoint size without --model (default: qwen3-0.6b; tiny on CPU)")
+    add_workload_args(p)
     p.add_argument("--num-replicas", type=int, default=2, help="engines, each on --tp GPUs (or one CPU)")
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of each replica")
-    p.add_argument("--num-seqs", type=int, help="default 256 (16 on CPU)")
-    p.add_argument("--max-input-len", type=int, help="default 1024 (128 on CPU)")
-    p.add_argument("--max-output-len", type=int, help="default 1024 (64 on CPU)")
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, help="engine default 512 (64 on CPU)")
-    p.add_argument("--max-num-batched-tokens", type=int, help="engine default 16384 (2048 on CPU)")
-    p.add_argument("--enforce-eager", action="store_true", help="compile each bucket on first use")
     p.add_argument("--batch-size", type=int, help="rows per engine call (default: an equal share per replica)")
     p.add_argument("--address", help="a Ray cluster to connect to (default: start a local one)")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -73,13 +65,7 @@ def main():
     else:
         ray.init(include_dashboard=False)
     on_gpu = ray.cluster_resources().get("GPU", 0) >= args.tp
-    small = dict(size="tiny", num_seqs=16, max_input_len=128, max_output_len=64, max_num_seqs=64)
-    small |= dict(max_num_batched_tokens=2048)
-    full = dict(size="qwen3-0.6b", num_seqs=256, max_input_len=1024, max_output_len=1024, max_num_seqs=512)
-    full |= dict(max_num_batched_tokens=16384)
-    for name, default in (full if on_gpu else small).items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
+    fill_workload_defaults(args, on_gpu)
     model = args.model or cached_checkpoint(args.size)
     with open(os.path.join(model, "config.json")) as f:  # the driver never starts JAX (nor takes a GPU)
         vocab_size = json.load(f)["vocab_size"]
