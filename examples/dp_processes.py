@@ -27,15 +27,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import add_workload_args, cached_checkpoint, fill_workload_defaults, workload, write_json  # noqa: E402
 
 
-def count_gpus() -> int:
-    """NVIDIA GPUs visible here, from nvidia-smi (the parent never starts JAX, so takes no GPU memory)."""
+def visible_gpus() -> list[str]:
+    """The GPUs this script may use: CUDA_VISIBLE_DEVICES if set, else every NVIDIA GPU nvidia-smi lists
+    (the parent never starts JAX, so takes no GPU memory)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():
+        return [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
     if shutil.which("nvidia-smi") is None:
-        return 0
+        return []
     try:
         listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return 0
-    return sum(line.startswith("GPU ") for line in listing.splitlines())
+        return []
+    return [str(i) for i, line in enumerate(line for line in listing.splitlines() if line.startswith("GPU "))]
 
 
 def worker(rank: int, devices: str | None, model: str, engine: dict, prompts, params, barrier, results):
@@ -79,7 +82,8 @@ def main():
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
 
-    num_gpus = 0 if args.cpu else count_gpus()
+    gpus = [] if args.cpu else visible_gpus()
+    num_gpus = len(gpus)
     on_gpu = num_gpus > 0
     if on_gpu and num_gpus < args.num_procs * args.tp:
         p.error(f"{args.num_procs} processes x tp={args.tp} need {args.num_procs * args.tp} GPUs; {num_gpus} visible")
@@ -102,7 +106,7 @@ def main():
     barrier, results = ctx.Barrier(args.num_procs), ctx.Queue()
     procs = []
     for rank in range(args.num_procs):
-        devices = ",".join(str(g) for g in range(rank * args.tp, (rank + 1) * args.tp)) if on_gpu else None
+        devices = ",".join(gpus[rank * args.tp : (rank + 1) * args.tp]) if on_gpu else None
         share = slice(rank, None, args.num_procs)  # round-robin: each share draws lengths from the same mix
         procs.append(
             ctx.Process(

@@ -11,14 +11,16 @@ every run: `--prompt-seed`; ids below `--vocab`), `--max-tokens`, `ignore_eos: t
 `stream_options: {"include_usage": true}`. One untimed request warms the server up first.
 
 Per level: requests/s and output tokens/s (successful requests over the level's wall time); p50/p90/p99 of
-the time to first token (TTFT: request sent to first chunk with text) and of the inter-token latency (ITL:
-each gap between successive text chunks divided by the tokens it brought; one sample per gap, pooled); and
-failed requests (HTTP error, error event, no `[DONE]`, timeout; `not_run`: not started within the bound).
-A chunk's token count is not in the stream (a decode window brings several tokens per chunk): a request's
-tokens come from the final chunk's `usage.completion_tokens` (if a server sends no usage: the number of text
-chunks), its first chunk is taken to bring one token (the prefill's) and the other chunks share the rest
-evenly. A request whose tokens all decode to no text (the tiny random checkpoint samples ids its tokenizer
-lacks) has nothing to time: it counts in the rates but not in TTFT/ITL (`no_text` says how many). Every
+the time to first token (TTFT: request sent to the first chunk of tokens) and of the inter-token latency (ITL:
+each gap between successive chunks of tokens divided by the tokens it brought; one sample per gap, pooled);
+and failed requests (HTTP error, error event, no `[DONE]`, timeout; `not_run`: not started within the bound).
+A chunk of tokens is any chunk before the one with the finish reason: the server sends one per engine output
+that brought tokens, with text "" where they decode to none yet (as vLLM does; the random checkpoints sample
+ids their small tokenizer lacks). A chunk's token count is not in the stream (a decode window brings several
+tokens per chunk): a request's tokens come from the final chunk's `usage.completion_tokens` (if a server sends
+no usage: the number of chunks), its first chunk is taken to bring one token (the prefill's) and the other
+chunks share the rest evenly. A server that sends no chunk for tokens without text times only those with
+text; a request with no chunk of tokens at all counts in the rates but not in TTFT/ITL (`no_text`). Every
 request has a timeout (`--request-timeout`); the whole run, server start-up included, `--max-seconds`.
 
 `--start-server` runs `python -m nanovllm_jax.serve` on a free loopback port (with `--model`, and any
@@ -44,7 +46,8 @@ COLUMNS = "conc reqs failed req/s tok/s ttft_p50 ttft_p90 ttft_p99 itl_p50 itl_p
 
 
 async def one_request(client, url, model, prompt, args, timeout):
-    """Streams one completion: (ttft s or None if no text came, [per-token gaps s], tokens); raises on a failure."""
+    """Streams one completion: (ttft s or None if no chunk of tokens came, [per-token gaps s], tokens); raises
+    on a failure."""
     body = dict(prompt=prompt, max_tokens=args.max_tokens, temperature=0, ignore_eos=True, stream=True)
     body |= dict(model=model, stream_options={"include_usage": True})
     start, times, usage = time.perf_counter(), [], None
@@ -61,8 +64,8 @@ async def one_request(client, url, model, prompt, args, timeout):
                     event = json.loads(line[6:])
                     if "error" in event:
                         raise RuntimeError(f"error event: {event['error']}")
-                    if any(c.get("text") for c in event.get("choices", [])):
-                        times.append(time.perf_counter())
+                    if any(c.get("finish_reason") is None for c in event.get("choices", [])):
+                        times.append(time.perf_counter())  # a chunk of new tokens (its text may be "")
                     usage = event.get("usage") or usage
         return False
 
@@ -125,7 +128,7 @@ async def load_test(url, args, deadline):
             print("  ".join(f"{'-' if row[c] is None else row[c]:>9}" for c in COLUMNS), flush=True)
             notes = [f"first error: {row['first_error']}"] if row["first_error"] else []
             notes += [f"{row['not_run']} not run (--max-seconds)"] if row["not_run"] else []
-            notes += [f"{row['no_text']} streamed no text (not in ttft/itl)"] if row["no_text"] else []
+            notes += [f"{row['no_text']} streamed no chunk of tokens (not in ttft/itl)"] if row["no_text"] else []
             print("".join(f"  {note}\n" for note in notes), end="", flush=True)
             if time.monotonic() >= deadline:
                 print(f"stopped: --max-seconds {args.max_seconds} reached", flush=True)

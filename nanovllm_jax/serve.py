@@ -248,7 +248,8 @@ class Generation:
             return item
 
     async def pieces(self, request: Request | None = None) -> AsyncIterator[str]:
-        """The completion's text, piece by piece, until `finish_reason` is set."""
+        """The completion's text, piece by piece, until `finish_reason` is set: one piece per engine output
+        that brought tokens, "" where they bring no text yet (as vLLM streams), so a client sees every step."""
         while self.finish_reason is None:
             out = await self._next(request)
             text = self.detokenizer.add(out.new_token_ids)
@@ -268,7 +269,7 @@ class Generation:
                 self.num_checked = len(self.text)
             end = max(self.num_sent, len(self.text) - hold)
             piece, self.num_sent = self.text[self.num_sent : end], end
-            if piece:
+            if piece or out.new_token_ids:
                 yield piece
 
     def usage(self) -> dict:

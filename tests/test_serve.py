@@ -141,6 +141,16 @@ def stream_completion(client, prompt, **kw):
     return pieces, finish, chunks
 
 
+def test_stream_has_a_chunk_for_tokens_without_text(server, client, ref):
+    """Each engine output that brings tokens is a chunk, with text "" where they decode to none yet (as vLLM
+    streams), so a client sees every step. The tiny checkpoint's 8 tokens after this prompt have no text."""
+    prompt = PROMPTS[1]
+    assert ref.prompts[prompt] == "" and ref.lengths[prompt] == MAX_TOKENS
+    pieces, finish, chunks = stream_completion(client, prompt, max_tokens=MAX_TOKENS)
+    steps = [c for c in chunks if c.choices and c.choices[0].finish_reason is None]
+    assert len(steps) >= 2 and set(pieces) == {""} and finish == ["length"]  # the prefill's token, then a window
+
+
 def test_completion_matches_generate(server, client, ref):
     prompt = PROMPTS[0]
     r = client.completions.create(model=NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)

@@ -28,6 +28,10 @@ from jax.experimental import serialize_executable
 from nanovllm_jax import kernels
 
 
+def _workers(jobs: int) -> int:
+    return max(1, min(jobs, os.cpu_count() or 1))
+
+
 def fingerprint(mesh, arrays, *extra) -> str:
     """A hash of this package's and the kernels' source, JAX, the devices, XLA's flags, the avals of
     `arrays` (a pytree) and `extra`."""
@@ -69,6 +73,7 @@ class ProgramCache:
         self._background: threading.Thread | None = None
         self._deferred: set = set()
         self._stop = threading.Event()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.compiled)
@@ -83,10 +88,12 @@ class ProgramCache:
         return self.compiled[key]
 
     def precompile(self, keys):
-        """Build every program of `keys`: saved ones load from disk; the rest are traced and lowered here
-        one at a time (Python), and XLA's compilations, which release the GIL, run in a thread pool."""
+        """Build every program of `keys`: saved ones load from disk, in a thread pool; the rest are traced and
+        lowered here one at a time (Python), and XLA's compilations, which release the GIL, run in a thread pool."""
         t0 = time.perf_counter()
-        missing = [key for key in dict.fromkeys(keys) if self._load(key) is None]
+        keys = list(dict.fromkeys(keys))
+        with ThreadPoolExecutor(max_workers=_workers(len(keys))) as pool:  # loading releases the GIL
+            missing = [key for key, program in zip(keys, pool.map(self._load, keys)) if program is None]
         t1 = time.perf_counter()
         lowered = {}
         for key in missing:
@@ -94,7 +101,7 @@ class ProgramCache:
                 return
             lowered[key] = self.lower(key)
         t2 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=max(1, min(len(lowered), os.cpu_count() or 1))) as pool:
+        with ThreadPoolExecutor(max_workers=_workers(len(lowered))) as pool:
             for key, program in zip(lowered, pool.map(lambda program: program.compile(), lowered.values())):
                 self._save(key, program)
         if threading.current_thread() is not self._background:
@@ -142,16 +149,16 @@ class ProgramCache:
         try:
             with open(self.path(key), "rb") as f:
                 blob, in_tree, out_tree = pickle.load(f)
-            self.compiled[key] = serialize_executable.deserialize_and_load(
-                blob, in_tree, out_tree, execution_devices=self.devices
-            )
+            program = serialize_executable.deserialize_and_load(blob, in_tree, out_tree, execution_devices=self.devices)
         except FileNotFoundError:
             return None
         except Exception as e:  # a stale or damaged file: rebuild it
             warnings.warn(f"ignoring saved program {self.path(key)}: {e}", stacklevel=2)
             return None
-        self.loaded_from_disk += 1
-        return self.compiled[key]
+        with self._lock:  # loads run in a thread pool
+            self.compiled[key] = program
+            self.loaded_from_disk += 1
+        return program
 
     def _save(self, key, compiled):
         self.compiled[key] = compiled
