@@ -32,7 +32,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import cached_checkpoint  # noqa: E402
 
-H100_COPY_BANDWIDTH = 2.9e12  # B/s, the device copy measured on the H100 here (PERFORMANCE.md)
+# B/s: a torch device-to-device copy on the H200 (../shared/PERFORMANCE.md), the ceiling for the floor; JAX's
+# own elementwise copy reaches less (`--bandwidth measure`), so it understates the floor.
+H200_COPY_BANDWIDTH = 4.24e12
+
+
+def decode_bytes(runner) -> tuple[int, int]:
+    """(weight bytes, KV bytes per token of context) on one device: a decode step reads every weight once
+    and the K and V (with their scales, for an 8-bit cache) of each live token."""
+    import jax
+
+    weight_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(runner.state))
+    return weight_bytes, runner.cache_layout.block_bytes() // runner.block_size
 
 
 def fake_sequences(
@@ -186,8 +197,8 @@ def main():
     p.add_argument("--batches", help="decode buckets to time, comma-separated (default: all)")
     p.add_argument(
         "--bandwidth",
-        default=str(H100_COPY_BANDWIDTH),
-        help="B/s for the floor, or 'measure' (a 1 GiB device copy); default 2.9e12 (H100 here)",
+        default=str(H200_COPY_BANDWIDTH),
+        help="B/s for the floor, or 'measure' (JAX's 1 GiB device copy); default 4.24e12 (the H200's torch copy)",
     )
     p.add_argument("--out", default="bench_buckets", help="output prefix: PREFIX.json and PREFIX.png")
     p.add_argument("--num-kvcache-blocks", type=int, default=-1, help="default: sized from memory")
@@ -236,10 +247,7 @@ def main():
     # Measured after the runner sized its KV cache, so this copy's buffers never shrink the cache.
     measured_bw = None if on_cpu else measure_bandwidth()
     bandwidth = measured_bw if args.bandwidth == "measure" else float(args.bandwidth)
-    a = runner.args
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.state))
-    itemsize = jax.numpy.dtype(a.dtype).itemsize
-    kv_per_token = 2 * a.num_layers * a.num_kv_heads * a.head_dim * itemsize
+    weight_bytes, kv_per_token = decode_bytes(runner)
     contexts = sorted({min(int(c), config.max_model_len) for c in args.contexts.split(",")})
     bs, nb = runner.block_size, runner.num_blocks
     print(f"jax {jax.__version__}, {device.device_kind}; model {model}")

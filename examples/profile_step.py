@@ -1,7 +1,8 @@
 """Where a decode step's time goes: device busy time, kernel count and the top kernels, from a JAX
-profiler trace of a few steps of the ModelRunner (GPU). Used to find the fixed per-step cost.
+profiler trace of a few steps of the ModelRunner (GPU), against the step's floor: (every weight once +
+batch x ctx tokens of K and V) / --bandwidth. Used to find the fixed per-step cost.
 
-    python examples/profile_step.py --batch 1 256 --ctx 1024
+    python examples/profile_step.py --batch 1 64 256 --ctx 1024
 """
 
 import argparse
@@ -14,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import cached_checkpoint  # noqa: E402
-from bench_buckets import fake_sequences  # noqa: E402
+from bench_buckets import H200_COPY_BANDWIDTH, decode_bytes, fake_sequences  # noqa: E402
 
 
 def main():
@@ -26,6 +27,7 @@ def main():
     p.add_argument("--window", type=int, default=8, help="decode steps per window")
     p.add_argument("--sequence", type=int, default=0, help="also list the first N kernels of a step, in order")
     p.add_argument("--reference-attention", action="store_true", help="jnp reference kernels instead of Pallas")
+    p.add_argument("--bandwidth", type=float, default=H200_COPY_BANDWIDTH, help="B/s for the floor (H200: 4.24e12)")
     args = p.parse_args()
 
     import jax
@@ -46,6 +48,8 @@ def main():
         decode_window=args.window,
     )
     runner = llm.model_runner
+    weight_bytes, kv_per_token = decode_bytes(runner)
+    rows = []
     for batch in args.batch:
         extra = (2 * args.steps + 4) * args.window
         seqs, _ = fake_sequences(batch, args.ctx, True, runner.block_size, runner.num_blocks, 10000, extra_tokens=extra)
@@ -83,9 +87,11 @@ def main():
         steps = args.steps * args.window  # decode steps traced
         busy = sum(kernels_ns.values()) / steps / 1e6
         n = sum(count.values()) / steps
+        floor = (weight_bytes + batch * args.ctx * kv_per_token) / args.bandwidth * 1e3
+        rows.append((batch, wall * 1e3, busy, n, floor))
         print(
             f"\nbatch {batch} ctx {args.ctx}: wall {wall * 1e3:.3f} ms/step, GPU busy {busy:.3f} ms/step, "
-            f"{n:.0f} kernels/step"
+            f"{n:.0f} kernels/step, floor {floor:.3f} ms (busy {busy / floor:.2f}x the floor)"
         )
         for name, ns in kernels_ns.most_common(12):
             print(f"  {ns / steps / 1e3:9.1f} us  x{count[name] / steps:5.0f}  {name[:90]}")
@@ -93,6 +99,11 @@ def main():
             print(f"  the first {args.sequence} kernels of a step, in order (us):")
             for _, ns, name in sorted(events)[: args.sequence]:
                 print(f"    {ns / 1e3:7.1f}  {name[:100]}")
+    print(f"\nctx {args.ctx}, floor at {args.bandwidth / 1e12:.2f} TB/s")
+    print("| batch | wall ms/step | GPU busy ms/step | kernels/step | floor ms | busy / floor |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for batch, wall, busy, n, floor in rows:
+        print(f"| {batch} | {wall:.3f} | {busy:.3f} | {n:.0f} | {floor:.3f} | {busy / floor:.2f}x |")
 
 
 if __name__ == "__main__":
