@@ -180,6 +180,8 @@ def test_bad_inputs_raise_and_engine_stays_usable(llm):
         (lambda: llm.generate([1.5], sp), TypeError, "a prompt must be a str or a list of int"),
         (lambda: llm.generate(["a"], {"temperature": 0}), TypeError, "must be a SamplingParams"),
         (lambda: llm.add_request([1, 2, 3.0], sp), TypeError, r"element 2 is 3.0 \(float\)"),
+        (lambda: llm.add_request([1, True], sp), TypeError, r"element 1 is True \(bool\)"),
+        (lambda: llm.add_request(np.array([0.5, 1.0]), sp), TypeError, r"element 0 is .*0\.5"),
         # A good prompt before a bad one: nothing may be queued when the call fails.
         (lambda: llm.generate([[1, 2], [5000]], sp), ValueError, "token ids must be in"),
     ]

@@ -93,14 +93,10 @@ class LLMEngine:
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, np.ndarray) and prompt.ndim == 1):
-            token_ids = []
-            for i, t in enumerate(prompt):
-                if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-                    raise TypeError(f"a token-id prompt must hold ints; element {i} is {t!r} ({type(t).__name__})")
-                token_ids.append(int(t))
+            token_ids = _token_ids(prompt)
             vocab = self.model_runner.vocab_size
-            bad = [(i, t) for i, t in enumerate(token_ids) if not 0 <= t < vocab]
-            if bad:
+            if token_ids and not (0 <= min(token_ids) and max(token_ids) < vocab):
+                bad = [(i, t) for i, t in enumerate(token_ids) if not 0 <= t < vocab]
                 raise ValueError(f"token ids must be in [0, {vocab}); got (index, id) {bad[:5]}")
         else:
             raise TypeError(f"a prompt must be a str or a list of int token ids, got {type(prompt).__name__}")
@@ -245,3 +241,15 @@ def eos_token_ids(config: Config, tokenizer) -> set[int]:
     if eos is None:
         return set()
     return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+
+def _token_ids(prompt) -> list[int]:
+    """A token-id prompt (list, tuple or 1-D array of ints) as a list of Python ints; TypeError otherwise."""
+    if isinstance(prompt, np.ndarray) and prompt.dtype.kind in "iu":
+        return prompt.tolist()
+    if all(type(t) is int for t in prompt):  # the common case, checked without the per-element checks below
+        return list(prompt)
+    for i, t in enumerate(prompt):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise TypeError(f"a token-id prompt must hold ints; element {i} is {t!r} ({type(t).__name__})")
+    return [int(t) for t in prompt]
