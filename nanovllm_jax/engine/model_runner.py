@@ -251,9 +251,9 @@ class ModelRunner:
 
     def first_runs(self, keys):
         """Runs each program of `keys` once on inputs that read and write no KV, leaving the cache and the
-        decode state as they were. A program's first run on a device is far slower than the next ones (XLA
-        loads its kernels and records its command buffers; under TP it also sets up the collectives), and
-        would otherwise land on the first requests of that bucket (BENCHMARKS.md)."""
+        decode state as they were: a program's first run on a device does one-time work (XLA loads its
+        kernels and records its command buffers; under TP it also sets up its collectives), which would
+        otherwise land on the first requests of that bucket. Its cost is not measured yet (BENCHMARKS.md)."""
         for key in keys:
             kind, shape = key[:2]
             program = self.programs[key]

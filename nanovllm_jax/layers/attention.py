@@ -50,10 +50,9 @@ def paged_attention(q, k, v, kv_cache: tuple, md: AttentionMetadata, impl: str =
                 q, k_cache, v_cache, md.block_tables, md.cu_q_lens, md.context_lens, **scale_kw
             )
         else:
-            # The Triton kernel, not the faster Mosaic GPU one (1.07-1.31x per call): measured on the H100 with
-            # nano-vllm's bench, Mosaic left the throughput where it was (16,798 tok/s; prefill attention is a
-            # small share of a prefill step) and the cold start-up took 90.6 s, against 51-86 s without it
-            # (the start-up target is 90 s). `kernels.paged_prefill_attention` alone defaults to Mosaic.
+            # The Triton kernel, not the faster Mosaic GPU one: in the engine Mosaic left the bench's throughput
+            # where it was (prefill attention is a small share of a prefill step) and lengthened the cold
+            # start-up (BENCHMARKS.md). `kernels.paged_prefill_attention` alone defaults to Mosaic.
             out = kernels.paged_prefill_attention(
                 q, k_cache, v_cache, md.block_tables, md.cu_q_lens, md.context_lens, backend="triton", **scale_kw
             )
