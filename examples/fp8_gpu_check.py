@@ -57,7 +57,7 @@ def probe():
     xq = x.astype(jnp.float8_e4m3fn)
     raw = lax.bitcast_convert_type(xq, jnp.uint8)
     want = xq.astype(jnp.float32).sum(axis=1)
-    for how in ("native", "int"):
+    for how in ("native", "int", "f16"):
         try:
             got = run(raw, lambda t, how=how: decode_e4m3(t, jnp.float32, how) * FP8_UNIT[how])
             print(f"probe uint8 load + decode_e4m3 {how:6s}: max err {float(jnp.abs(got - want).max())}", flush=True)
@@ -131,11 +131,11 @@ def main():
         cache = make_cache(kind, num_pages)
         variants = [{}]
         if kind == "fp8":
-            variants = [dict(fp8_decode="int"), dict(fp8_decode="native")]
+            variants = [dict(fp8_decode="int"), dict(fp8_decode="native"), dict(fp8_decode="f16")]
             if args.sweep:
                 variants += [
                     dict(fp8_decode=h, block_k=bk, num_stages=s)
-                    for h in ("int", "native")
+                    for h in ("int", "native", "f16")
                     for bk, s in ((128, 3), (128, 4), (256, 2))
                 ]
         for kw in variants:

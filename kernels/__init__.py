@@ -13,8 +13,10 @@ checks, and a pure-jnp `*_reference` with the same signature (what CPU runs use)
 
 from .kv_layout import KV_CACHE_DTYPES, is_fp8_cache, kv_cache_bytes, kv_cache_shapes
 from .kv_store import store_kv, store_kv_fp8, store_kv_fp8_reference, store_kv_reference
+from .norms import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from .paged_attention import paged_decode_attention, paged_decode_attention_reference
 from .prefill_attention import paged_prefill_attention, paged_prefill_attention_reference
+from .qk_norm_rope_store import qk_norm_rope_store, qk_norm_rope_store_reference
 
 __all__ = [
     "KV_CACHE_DTYPES",
@@ -29,4 +31,10 @@ __all__ = [
     "paged_decode_attention_reference",
     "paged_prefill_attention",
     "paged_prefill_attention_reference",
+    "qk_norm_rope_store",
+    "qk_norm_rope_store_reference",
+    "add_rms_norm",
+    "add_rms_norm_reference",
+    "rms_norm",
+    "rms_norm_reference",
 ]

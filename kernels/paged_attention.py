@@ -8,18 +8,24 @@ was written.
 
 Work split (flash-decoding): the grid is (batch, kv head, split). All G = N / K query heads of one kv
 head share a program, so K/V are read once per kv head (GQA without repeats); the G rows are padded
-to 16 (the smallest dot) by repeating the last head. When batch x kv heads cannot fill the GPU, each
-context is cut into `num_splits` equal runs of key blocks (cut at run time from the real context
-length), and a small jnp pass merges the partial softmaxes. A row with context length 0 outputs 0.
+to 16 (the smallest dot) by repeating the last head, and a masked store writes only the G real rows
+into the [B, N, H] output. When batch x kv heads cannot fill the GPU, each context is cut into
+`num_splits` equal runs of key blocks (cut at run time from the real context length), and a small jnp
+pass merges the partial softmaxes. A row with context length 0 outputs 0.
 fp32 caches run their dots as TF32 (relative error about 3e-4).
 
 fp8 caches (kv_layout.py: uint8 bytes of e4m3 plus a float32 scale per key/value row): each tile is
-loaded as uint8 and decoded in registers to q's dtype (exact: e4m3 fits bf16), the per-key scales
+loaded as uint8 and decoded in registers (exact: e4m3 fits bf16 and float16), the per-key scales
 multiply the scores' columns and the per-value scales the probabilities' columns, so no element is
-scaled. The bytes stay uint8 in memory; the decode is `decode_e4m3`: "native" (bitcast to
-float8_e4m3fn and the backend's conversion, the default: the faster of the two on the H200) or "int"
-(integer ops into a float16). Both are exact; BENCHMARKS.md has their speed, and why fp8 decode
-attention is not yet faster than bf16 (bound by its in-register work, not by memory).
+scaled. The bytes stay uint8 in memory; `fp8_decode` picks the decode (`decode_e4m3`) and the dots'
+dtype: "native" and "int" decode to q's dtype, by the backend's float8 conversion or by integer ops
+into a float16; "f16" (the default, the fastest on the H200) decodes to float16 by the backend's
+conversion (one instruction per two elements on Hopper, where e4m3 -> bf16 takes more) and runs both
+dots in float16, with q cast to
+float16 (so |q| must stay below float16's 65504: Qwen3's q-norm keeps it far below) and each key
+block's value scales divided by their max, so the probabilities times the scales stay in [0, 1] and do
+not fall into float16's subnormals. BENCHMARKS.md has their speed, and why fp8 decode attention is not
+yet faster than bf16 (bound by its in-register work, not by memory).
 
 Addressing: the lowering computes element offsets in 32 bits (unsigned) for caches under 4 GiB and in
 64 bits above, so a large per-layer cache does not wrap (tested on the GPU with a 4.4 GB cache).
@@ -39,27 +45,31 @@ from ._checks import MIN_ROWS, check_cache_and_scales, check_int32, check_query,
 from .kv_layout import FP8_DTYPE, dequantize_fp8
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-FP8_DECODE = "native"  # how the kernels turn e4m3 bytes into numbers: "native" or "int" (see `decode_e4m3`)
+FP8_DECODE = "f16"  # how the kernels turn e4m3 bytes into numbers: "native", "int" or "f16" (`decode_e4m3`)
+F32_TINY = float(np.finfo(np.float32).tiny)
+FP8_UNIT = {"native": 1.0, "int": 256.0, "f16": 1.0}  # decode_e4m3 returns value / FP8_UNIT
 
 
 def decode_e4m3(x, dtype, how):
     """uint8 bytes of float8_e4m3fn -> `dtype` values times FP8_UNIT[how] (the caller's scale undoes it).
 
     "native": bitcast to float8_e4m3fn and convert (the backend's own fp8 conversion).
+    "f16": the same through float16 (the decode kernel asks for float16 itself and runs its dots in it).
     "int": integer ops only. The e4m3 bits are placed in a float16: sign to bit 15, exponent and mantissa
     (7 bits) to bits 13..7, so the float16 holds value * 2**-8 exactly, subnormals included (float16's
     exponent bias is 8 above e4m3's, and a float16 subnormal is never flushed here), then converted.
     """
+    if how not in FP8_UNIT:
+        raise ValueError(f"fp8 decode must be one of {tuple(FP8_UNIT)}, got {how!r}")
     if how == "native":
         return lax.bitcast_convert_type(x, FP8_DTYPE).astype(dtype)
+    if how == "f16":
+        return lax.bitcast_convert_type(x, FP8_DTYPE).astype(jnp.float16).astype(dtype)
     i = x.astype(jnp.int16)
     bits = lax.shift_left(lax.bitwise_and(i, jnp.int16(0x80)), jnp.int16(8)) | lax.shift_left(
         lax.bitwise_and(i, jnp.int16(0x7F)), jnp.int16(7)
     )
     return lax.bitcast_convert_type(bits, jnp.float16).astype(dtype)
-
-
-FP8_UNIT = {"native": 1.0, "int": 256.0}  # decode_e4m3 returns value / FP8_UNIT
 
 
 def _decode_kernel(
@@ -68,9 +78,11 @@ def _decode_kernel(
     q_ref,  # [B, N, H], whole (rows gathered)
     k_cache_ref,  # [S, K, P, H], whole
     v_cache_ref,  # [S, K, P, H], whole (uint8 e4m3 bytes with fp8)
-    *refs,  # fp8 only: k_scale, v_scale [S, K, P] whole; then o [R, H] (R = G padded to 16): this
-    # (sequence, kv head, split)'s output; split mode only: m [R], l [R] (running max and sum, base 2)
+    *refs,  # fp8 only: k_scale, v_scale [S, K, P] whole; then the output: o [B, N, H] whole (one split),
+    # or with splits this (sequence, kv head, split)'s acc [R, H] (R = G padded to 16), m [R], l [R]
+    # (running max and sum, base 2)
     group: int,
+    rows: int,
     block_k: int,
     num_splits: int,
     scale_log2: float,
@@ -80,13 +92,15 @@ def _decode_kernel(
         ks_ref, vs_ref, *refs = refs
     o_ref, *stat_refs = refs
     b, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    rows, head_dim = o_ref.shape
-    block_size = k_cache_ref.shape[2]
+    block_size, head_dim = k_cache_ref.shape[2:]
     ctx = lens_ref[b]
 
-    # Padded rows repeat the group's last head: addresses stay in range and the rows are dropped later.
-    q_rows = head * group + jnp.minimum(lax.broadcasted_iota(jnp.int32, (rows,), 0), group - 1)
-    q = q_ref[b, q_rows, :]  # [R, H]
+    # Padded rows repeat the group's last head: addresses stay in range; the masked store (or the merge of
+    # the splits) drops their rows.
+    row = lax.broadcasted_iota(jnp.int32, (rows,), 0)
+    q = q_ref[b, head * group + jnp.minimum(row, group - 1), :]  # [R, H]
+    if fp8 == "f16":
+        q = q.astype(jnp.float16)
 
     num_blocks = pl.cdiv(ctx, block_k)
     per_split = pl.cdiv(num_blocks, num_splits)
@@ -107,7 +121,7 @@ def _decode_kernel(
             unit = FP8_UNIT[fp8]
             ks = plgpu.load(ks_ref.at[page, head, pl.ds(offset, block_k)], mask=valid, other=0.0)
             vs = plgpu.load(vs_ref.at[page, head, pl.ds(offset, block_k)], mask=valid, other=0.0)
-            k, v = decode_e4m3(k, q.dtype, fp8), decode_e4m3(v, q.dtype, fp8)
+            k, v = decode_e4m3(k, q.dtype, fp8), decode_e4m3(v, q.dtype, fp8)  # q.dtype: float16 with "f16"
             s = plgpu.dot(q, k, trans_b=True) * (ks * (unit * scale_log2))[None, :]  # [R, Bk]
         else:
             s = plgpu.dot(q, k, trans_b=True) * scale_log2  # [R, Bk]
@@ -116,8 +130,16 @@ def _decode_kernel(
         alpha = jnp.exp2(m - m_next)
         p = jnp.exp2(s - m_next[:, None])
         l = l * alpha + p.sum(axis=1)
-        pv = p * (vs * FP8_UNIT[fp8])[None, :] if fp8 else p  # value row j is bytes_j * vs_j
-        acc = acc * alpha[:, None] + plgpu.dot(pv.astype(v.dtype), v)
+        if fp8 == "f16":
+            # p * vs (vs is amax / 448: 1e-6 and below happen) would fall into float16's subnormals or
+            # to 0, so the block's vs are divided by their max and the dot's result multiplied by it.
+            # Invalid keys load vs = 0 (and have p = 0): they add 0 and never raise vmax.
+            vmax = jnp.maximum(vs.max(), F32_TINY)  # > 0 even for a block of zero rows
+            pv = p * (vs * (1.0 / vmax))[None, :]  # in [0, 1]
+            acc = acc * alpha[:, None] + plgpu.dot(pv.astype(v.dtype), v) * vmax
+        else:
+            pv = p * (vs * FP8_UNIT[fp8])[None, :] if fp8 else p  # value row j is bytes_j * vs_j
+            acc = acc * alpha[:, None] + plgpu.dot(pv.astype(v.dtype), v)
         return acc, m_next, l
 
     acc = jnp.zeros((rows, head_dim), jnp.float32)
@@ -126,7 +148,11 @@ def _decode_kernel(
     # Every block in [first, last) holds at least one valid key, so m is a real logit after the first.
     acc, m, l = lax.fori_loop(first, last, body, (acc, m, l))
     if num_splits == 1:
-        o_ref[...] = jnp.where(l[:, None] > 0, acc / l[:, None], 0.0).astype(o_ref.dtype)
+        # Rows head*G .. head*G + R - 1 of the sequence: only the first G are this kv head's (the rest
+        # are masked; their addresses may be another head's rows or past the array, never written).
+        o = jnp.where(l[:, None] > 0, acc / l[:, None], 0.0).astype(o_ref.dtype)
+        mask = jnp.broadcast_to((row < group)[:, None], (rows, head_dim))
+        plgpu.store(o_ref.at[b, pl.ds(head * group, rows), :], o, mask=mask)
     else:
         m_ref, l_ref = stat_refs
         o_ref[...] = acc
@@ -169,6 +195,7 @@ def _decode_pallas(
     kernel = functools.partial(
         _decode_kernel,
         group=group,
+        rows=rows,
         block_k=block_k,
         num_splits=num_splits,
         scale_log2=scale * math.log2(math.e),
@@ -187,8 +214,8 @@ def _decode_pallas(
             pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),  # l
         ]
     else:
-        out_shape = [jax.ShapeDtypeStruct((batch, num_kv_heads, rows, head_dim), q.dtype)]
-        out_specs = [pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0))]  # o
+        out_shape = [jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)]
+        out_specs = [pl.no_block_spec]  # o [B, N, H]: each program stores its G rows (masked store)
     outs = pl.pallas_call(
         kernel,
         grid=grid,
@@ -212,9 +239,9 @@ def _decode_pallas(
         w = jnp.exp2(m - m_all)  # empty splits have l == 0 and acc == 0: they add nothing
         denom = (w * l).sum(axis=2)
         o = (w[..., None] * acc).sum(axis=2) / jnp.where(denom > 0, denom, 1.0)[..., None]
-    else:
-        (o,) = outs
-    return o[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
+        return o[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
+    (o,) = outs
+    return o
 
 
 def gather_pages(cache, scale, tables):
@@ -309,8 +336,12 @@ def paged_decode_attention(
     The CPU runs the jnp reference unless `interpret` (the kernel in interpret mode, for tests).
     `block_k` (keys per step), `num_splits` (context splits; default from batch x kv heads), `num_warps`
     and `num_stages` tune the kernel; the defaults are within 3% of the best measured on the H100.
+    `fp8_decode` ("native", "int" or "f16"; default FP8_DECODE) picks how an fp8 cache is decoded and the
+    dots' dtype (module docstring).
     """
     _check(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale)
+    if fp8_decode is not None and fp8_decode not in FP8_UNIT:
+        raise ValueError(f"fp8_decode must be one of {tuple(FP8_UNIT)}, got {fp8_decode!r}")
     if jax.default_backend() == "cpu" and not interpret:
         return _decode_jnp(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale, scale=scale)
     _, num_kv_heads, block_size, head_dim = k_cache.shape

@@ -149,10 +149,11 @@ def _decode_case(context_lens, q_heads, kv_heads, head_dim, block_size, dtype, w
             np.testing.assert_array_equal(np.asarray(out[b], np.float32), 0.0)
 
 
-@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_decode_gqa_dtypes(group, dtype):
-    # Page 32, blocks of 16 keys: lengths 1, P-1, P, P+1, long, and a padded row.
+    # Page 32, blocks of 16 keys: lengths 1, P-1, P, P+1, long, and a padded row. Each program stores its
+    # G rows of the [B, N, H] output; its 16 - G padded rows fall on the next head's rows (G = 3: unaligned).
     _decode_case([1, 31, 32, 33, 100, 0], 2 * group, 2, 64, 32, dtype, width=4, block_k=16, num_splits=1)
 
 

@@ -34,18 +34,22 @@ INTERPRET = not ON_GPU
 # on the H200, above the bf16-cache tests' 2e-3).
 TOL = {jnp.float32: 4e-3, jnp.bfloat16: 2e-2}
 NAN_BYTE = 0x7F  # float8_e4m3fn NaN
+FP8_DECODES = ["int", "native", "f16"]  # the kernels' `fp8_decode` modes
 
 
-def _fp8_cache(rng, num_pages, kv_heads, block_size, head_dim, tables, context_lens):
-    """Random fp8 caches (bytes and scales); every slot outside the contexts holds NaN bytes and scales."""
+def _fp8_cache(rng, num_pages, kv_heads, block_size, head_dim, tables, context_lens, v_rows=(0.1, 10)):
+    """Random fp8 caches (bytes and scales); every slot outside the contexts holds NaN bytes and scales.
+
+    Rows have magnitudes drawn uniformly from (0.1, 10), value rows from `v_rows`.
+    """
     shape = (num_pages, kv_heads, block_size, head_dim)
     owned = np.zeros((num_pages, block_size), bool)
     for table, length in zip(tables, context_lens, strict=True):
         for t in range(length):
             owned[table[t // block_size], t % block_size] = True
     out = []
-    for _ in range(2):
-        x = rng.standard_normal(shape) * rng.uniform(0.1, 10, shape[:3] + (1,))  # rows of varied magnitude
+    for rows in ((0.1, 10), v_rows):
+        x = rng.standard_normal(shape) * rng.uniform(*rows, shape[:3] + (1,))  # rows of varied magnitude
         data, scale = (np.array(a) for a in quantize_fp8(jnp.asarray(x, jnp.float32)))
         data.transpose(0, 2, 1, 3)[~owned] = NAN_BYTE
         scale.transpose(0, 2, 1)[~owned] = np.nan
@@ -111,7 +115,7 @@ def test_quantize_matches_ml_dtypes_and_error_bound():
     assert not np.isnan(np.asarray(dequantize_fp8(data, scale))).any()  # |x / scale| <= 448: never NaN
 
 
-@pytest.mark.parametrize("how", ["int", "native"])
+@pytest.mark.parametrize("how", FP8_DECODES)
 def test_decode_e4m3_all_bytes(how):
     b = jnp.arange(256, dtype=jnp.uint8)
     want = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
@@ -190,12 +194,17 @@ def test_store_kv_fp8_input_checks():
 # ----------------------------------------------------------------------------------------------- attention
 
 
-def _decode_case(context_lens, q_heads, kv_heads, head_dim, block_size, dtype, width, seed=0, **kw):
+def _decode_case(
+    context_lens, q_heads, kv_heads, head_dim, block_size, dtype, width, seed=0, v_rows=(0.1, 10), zero_v=0, **kw
+):
+    """Kernel vs reference; `zero_v` zeroes the values of sequence 0's first keys (scale 0: a zero block)."""
     rng = np.random.default_rng(seed)
     batch = len(context_lens)
     num_pages = batch * width + 2
     tables = _tables(rng, batch, width, num_pages)
-    k, v, ks, vs = _fp8_cache(rng, num_pages, kv_heads, block_size, head_dim, tables, context_lens)
+    k, v, ks, vs = _fp8_cache(rng, num_pages, kv_heads, block_size, head_dim, tables, context_lens, v_rows)
+    if zero_v:
+        v, vs = v.at[tables[0, 0], :, :zero_v].set(0), vs.at[tables[0, 0], :, :zero_v].set(0.0)
     q = jnp.asarray(rng.standard_normal((batch, q_heads, head_dim)), dtype)
     args = (q, k, v, jnp.asarray(tables), jnp.asarray(context_lens, jnp.int32))
     out = paged_decode_attention(*args, k_scale=ks, v_scale=vs, interpret=INTERPRET, **kw)
@@ -218,7 +227,7 @@ def test_decode_fp8_reference_is_dequantized_attention():
 
 
 @pytest.mark.parametrize("group", [1, 2, 8])
-@pytest.mark.parametrize("how", ["int", "native"])
+@pytest.mark.parametrize("how", FP8_DECODES)
 def test_decode_fp8(group, how):
     # Page 32, blocks of 16 keys: lengths 1, P-1, P, P+1, long, and a padded row.
     _decode_case(
@@ -226,8 +235,38 @@ def test_decode_fp8(group, how):
     )
 
 
-def test_decode_fp8_splits_float32_q():
-    _decode_case([1, 33, 127, 0], 4, 2, 64, 32, jnp.float32, width=4, block_k=16, num_splits=4)
+@pytest.mark.parametrize("how", FP8_DECODES)
+def test_decode_fp8_splits_float32_q(how):
+    _decode_case([1, 33, 127, 0], 4, 2, 64, 32, jnp.float32, width=4, block_k=16, num_splits=4, fp8_decode=how)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("how", FP8_DECODES)
+def test_decode_fp8_tiny_value_scales(how, num_splits):
+    """Value scales of about 5e-10..6e-8 (rows of 1e-7..1e-5) and one all-zero key block: p * scale lies
+    in float16's subnormals or under them, so "f16" passes only with its per-block normalization."""
+    _decode_case(
+        [33, 1, 31, 100, 0],
+        8,
+        2,
+        64,
+        32,
+        jnp.bfloat16,
+        width=4,
+        v_rows=(1e-7, 1e-5),
+        zero_v=16,
+        block_k=16,
+        num_splits=num_splits,
+        fp8_decode=how,
+    )
+
+
+def test_decode_fp8_rejects_unknown_decode():
+    k8 = jnp.zeros((4, 2, 16, 64), jnp.uint8)
+    sc = jnp.zeros((4, 2, 16), jnp.float32)
+    q, tables, lens = jnp.zeros((2, 4, 64), jnp.bfloat16), jnp.zeros((2, 2), jnp.int32), jnp.ones((2,), jnp.int32)
+    with pytest.raises(ValueError, match="fp8_decode"):
+        paged_decode_attention(q, k8, k8, tables, lens, k_scale=sc, v_scale=sc, fp8_decode="e5m2")
 
 
 def _prefill_case(q_lens, prefix_lens, q_heads, kv_heads, head_dim, block_size, dtype, width, pad=0, seed=0, **kw):
@@ -306,16 +345,19 @@ def test_layer_paged_attention_fp8_tuple():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("how", ["int", "native"])
+@pytest.mark.parametrize("how", FP8_DECODES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_gpu_decode_fp8_qwen_heads(how, dtype):
     lens = [1, 255, 256, 257, 4096, 1000, 0, 3000] * 4
     _decode_case(lens, 16, 8, 128, 256, dtype, width=16, fp8_decode=how)
     _decode_case(lens[:2] + [4096], 16, 8, 128, 256, dtype, width=16, fp8_decode=how)  # many splits
+    tiny = dict(v_rows=(1e-7, 1e-5), zero_v=64, fp8_decode=how)  # value scales in float16's subnormals
+    _decode_case(lens, 16, 8, 128, 256, dtype, width=16, **tiny)
+    _decode_case(lens[:2] + [4096], 16, 8, 128, 256, dtype, width=16, **tiny)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("how", ["int", "native"])
+@pytest.mark.parametrize("how", FP8_DECODES)
 @pytest.mark.parametrize("group,head_dim", [(2, 128), (4, 64), (8, 128)])
 def test_gpu_prefill_fp8(how, group, head_dim):
     _prefill_case(

@@ -119,7 +119,9 @@ class ModelRunner:
         if not config.enforce_eager:
             self.programs.precompile(self.program_keys(use_top_k_top_p=False))
             self.startup_s["programs"], clock = time.perf_counter() - clock, time.perf_counter()
-            if not on_cpu:  # XLA:CPU's first runs cost no more than the next ones
+            # XLA:CPU's first runs cost no more than the next ones. NOTE: not under TP: on two H200s the
+            # first runs hung inside a window program's launch (BENCHMARKS.md), cause not found.
+            if not on_cpu and self.mesh.size == 1:
                 self.first_runs(self.program_keys(use_top_k_top_p=False))
                 self.startup_s["first_runs"] = time.perf_counter() - clock
             self.programs.build_in_background(self.program_keys(use_top_k_top_p=True))
@@ -252,8 +254,8 @@ class ModelRunner:
     def first_runs(self, keys):
         """Runs each program of `keys` once on inputs that read and write no KV, leaving the cache and the
         decode state as they were: a program's first run on a device does one-time work (XLA loads its
-        kernels and records its command buffers; under TP it also sets up its collectives), which would
-        otherwise land on the first requests of that bucket. Its cost is not measured yet (BENCHMARKS.md)."""
+        kernels and records its command buffers), which would otherwise land on the first requests of that
+        bucket (cost and effect: BENCHMARKS.md)."""
         for key in keys:
             kind, shape = key[:2]
             program = self.programs[key]

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanovllm_jax.layers.attention import AttentionMetadata, paged_attention
+from nanovllm_jax import kernels
+from nanovllm_jax.layers.attention import AttentionMetadata, attend, paged_attention, qk_norm_rope_store
 from nanovllm_jax.layers.rotary import apply_rope, rope_theta
 
 
@@ -106,14 +107,22 @@ def _all_reduce(x, tp_axis):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.weight = _param((dim,), dtype)
-        self.eps = eps
+    """`norm(x)` -> RMSNorm(x); `norm(x, residual)` -> (RMSNorm(x + residual), x + residual).
 
-    def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * x32.astype(x.dtype)
+    With a residual, the add and the norm run as one kernel (`kernels.add_rms_norm`; its jnp reference
+    on CPU or with impl "reference"). Without one there is no add to fuse: plain jnp, which XLA fuses
+    with the neighbouring ops (the first layer's input norm with the embedding lookup).
+    """
+
+    def __init__(self, dim: int, eps: float, dtype, impl: str = "auto"):
+        self.weight = _param((dim,), dtype)
+        self.eps, self.impl = eps, impl
+
+    def __call__(self, x, residual=None):
+        if residual is None:
+            return kernels.rms_norm_reference(x, self.weight[...], self.eps)
+        add_norm = kernels.add_rms_norm_reference if self.impl == "reference" else kernels.add_rms_norm
+        return add_norm(x, residual, self.weight[...], self.eps)
 
 
 class Qwen3Attention(nnx.Module):
@@ -124,19 +133,27 @@ class Qwen3Attention(nnx.Module):
         self.o = _param((self.n * self.h, a.hidden_size), a.dtype)  # [NH, D] row-parallel
         self.q_norm = RMSNorm(self.h, a.rms_norm_eps, a.dtype) if a.qk_norm else None
         self.k_norm = RMSNorm(self.h, a.rms_norm_eps, a.dtype) if a.qk_norm else None
-        self.theta, self.tp_axis, self.attn_impl = a.rope_theta, tp_axis, attn_impl
+        self.theta, self.eps, self.tp_axis, self.attn_impl = a.rope_theta, a.rms_norm_eps, tp_axis, attn_impl
 
     def __call__(self, x, positions, kv_cache: tuple, md: AttentionMetadata):
         T = x.shape[0]
         qkv = jnp.einsum("TD,DF->TF", x, self.qkv[...])
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...]
-        q, k, v = jnp.split(qkv, [self.n * self.h, (self.n + self.k) * self.h], axis=-1)
-        q, k, v = q.reshape(T, self.n, self.h), k.reshape(T, self.k, self.h), v.reshape(T, self.k, self.h)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions, self.theta), apply_rope(k, positions, self.theta)
-        o, kv_cache = paged_attention(q, k, v, kv_cache, md, self.attn_impl)
+        if self.q_norm is not None and not kernels.is_fp8_cache(kv_cache):
+            # One kernel from qkv to attention's inputs: q/k norms, RoPE, and k/v stored in the cache.
+            q_norm, k_norm = self.q_norm.weight[...], self.k_norm.weight[...]
+            q, kv_cache = qk_norm_rope_store(
+                qkv, positions, q_norm, k_norm, kv_cache, md, theta=self.theta, eps=self.eps, impl=self.attn_impl
+            )
+            o = attend(q, kv_cache, md, self.attn_impl)
+        else:  # fp8 caches and checkpoints without q/k norm (Qwen2): the same math, op by op
+            q, k, v = jnp.split(qkv, [self.n * self.h, (self.n + self.k) * self.h], axis=-1)
+            q, k, v = q.reshape(T, self.n, self.h), k.reshape(T, self.k, self.h), v.reshape(T, self.k, self.h)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, positions, self.theta), apply_rope(k, positions, self.theta)
+            o, kv_cache = paged_attention(q, k, v, kv_cache, md, self.attn_impl)
         out = jnp.einsum("TF,FD->TD", o.reshape(T, self.n * self.h), self.o[...])
         return _all_reduce(out, self.tp_axis), kv_cache
 
@@ -154,17 +171,27 @@ class Qwen3MLP(nnx.Module):
 
 
 class Qwen3DecoderLayer(nnx.Module):
+    """Fused residual (as vLLM's Qwen3): each residual add is done by the norm after it.
+
+    Takes and returns (x, residual): x is the last sublayer's output (layer 0: the embeddings, and no
+    residual yet), residual the stream before it; the next layer's input norm (or the final norm) adds
+    them. The same sums in the same order as the plain `x = x + h` (an IEEE add commutes).
+    """
+
     def __init__(self, a: ModelArgs, tp_axis: str | None, attn_impl: str):
-        self.input_norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.dtype)
+        self.input_norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.dtype, attn_impl)
         self.attn = Qwen3Attention(a, tp_axis, attn_impl)
-        self.post_attn_norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.dtype)
+        self.post_attn_norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.dtype, attn_impl)
         self.mlp = Qwen3MLP(a, tp_axis)
 
-    def __call__(self, x, positions, kv_cache: tuple, md):
-        h, kv_cache = self.attn(self.input_norm(x), positions, kv_cache, md)
-        x = x + h
-        x = x + self.mlp(self.post_attn_norm(x))
-        return x, kv_cache
+    def __call__(self, x, residual, positions, kv_cache: tuple, md):
+        if residual is None:
+            x, residual = self.input_norm(x), x
+        else:
+            x, residual = self.input_norm(x, residual)
+        h, kv_cache = self.attn(x, positions, kv_cache, md)
+        x, residual = self.post_attn_norm(h, residual)
+        return self.mlp(x), residual, kv_cache
 
 
 class Qwen3ForCausalLM(nnx.Module):
@@ -178,7 +205,7 @@ class Qwen3ForCausalLM(nnx.Module):
         self.args, self.tp_axis = a, tp_axis
         self.embed = _param((a.vocab_size, a.hidden_size), a.dtype)  # [V, D] vocab-parallel
         self.layers = nnx.List([Qwen3DecoderLayer(a, tp_axis, attn_impl) for _ in range(a.num_layers)])
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.dtype)
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.dtype, attn_impl)
         self.lm_head = None if a.tie_word_embeddings else _param((a.hidden_size, a.vocab_size), a.dtype)  # [D, V]
 
     def __call__(self, input_ids, positions, kv_caches, md: AttentionMetadata):
@@ -188,12 +215,12 @@ class Qwen3ForCausalLM(nnx.Module):
         v_scale)` (`kernels.kv_cache_shapes`); the attention layer reads the layout from it. Returns the
         hidden states and the list of updated cache tuples (same structure).
         """
-        x = self._embed(input_ids)
+        x, residual = self._embed(input_ids), None
         new_caches = []
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, kv_cache = layer(x, positions, tuple(kv_cache), md)
+            x, residual, kv_cache = layer(x, residual, positions, tuple(kv_cache), md)
             new_caches.append(kv_cache)
-        return self.norm(x), new_caches
+        return self.norm(x, residual)[0], new_caches
 
     def _embed(self, ids):
         table = self.embed[...]
