@@ -1,10 +1,13 @@
 """fp8 KV cache on the GPU: probe fp8 loads in the Triton lowering, and time decode attention fp8 vs bf16.
 
-Qwen3-0.6B heads (16 q, 8 kv, head_dim 128, page 256). Bytes actually read: K and V pages of every
-sequence (bf16: 2 bytes per element; fp8: 1 byte per element plus a float32 scale per key and per value
-row), against the 4.24 TB/s copy ceiling measured on the H200 (shared/PERFORMANCE.md).
+Qwen3-0.6B heads (16 q, 8 kv, head_dim 128, page 256; `--q-heads 32`: Qwen3-8B's group of 4). Each cache
+is timed with the kernel's tensor-core dots (`dots="mma"`, the default) and with float32 multiply + sum
+over the real query rows (`dots="fma"`); batch 8 at context 4096 runs split contexts. Bytes actually
+read: K and V pages of every sequence (bf16: 2 bytes per element; fp8: 1 byte per element plus a float32
+scale per key and per value row), against the 4.24 TB/s copy ceiling measured on the H200
+(shared/PERFORMANCE.md).
 
-    python examples/fp8_gpu_check.py [--probe] [--sweep]
+    python examples/fp8_gpu_check.py [--probe] [--sweep] [--q-heads 32]
 """
 
 import argparse
@@ -86,7 +89,7 @@ def make_cache(kind, num_pages):
     return (*data, *scales)
 
 
-def time_decode(cache, batch, ctx, **kw):
+def time_decode(cache, batch, ctx, q_heads=Q_HEADS, **kw):
     """Seconds per decode attention call (fori_loop of n calls, query fed back), rotating distinct pages."""
     num_pages = cache[0].shape[0]
     width = ctx // PAGE
@@ -95,7 +98,7 @@ def time_decode(cache, batch, ctx, **kw):
     pages = rng.choice(num_pages, rot * batch * width, replace=False).reshape(rot, batch, width)
     tables = jnp.asarray(pages, jnp.int32)
     lens = jnp.full((batch,), ctx, jnp.int32)
-    q = jax.random.normal(jax.random.key(3), (batch, Q_HEADS, HEAD_DIM), jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(3), (batch, q_heads, HEAD_DIM), jnp.bfloat16)
     n = 20
 
     def attend(q, cache, table, lens):
@@ -120,35 +123,41 @@ def time_decode(cache, batch, ctx, **kw):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--probe", action="store_true")
-    p.add_argument("--sweep", action="store_true", help="also try fp8 tuning variants")
+    p.add_argument("--sweep", action="store_true", help="also try tuning variants (fp8 dots, fma blocks and warps)")
+    p.add_argument("--q-heads", type=int, default=Q_HEADS, help=f"query heads over {KV_HEADS} kv heads")
     args = p.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     if args.probe:
         probe()
     num_pages = 4 * 256 * 2048 // PAGE + 8  # room for 4 rotations at batch 256, context 2048
     rows = []
+    full = ((64, 1024), (64, 2048), (256, 1024), (256, 2048), (8, 4096))
+    few = ((64, 2048), (256, 1024))
     for kind in ("auto", "fp8"):
         cache = make_cache(kind, num_pages)
-        variants = [{}]
-        if kind == "fp8":
-            variants = [dict(fp8_decode="int"), dict(fp8_decode="native"), dict(fp8_decode="f16")]
-            if args.sweep:
+        decodes = [{}] if kind == "auto" else [dict(fp8_decode=h) for h in ("int", "native", "f16")]
+        variants = [(kw, full) for kw in decodes] + [({**kw, "dots": "fma"}, full) for kw in decodes]
+        if args.sweep:
+            if kind == "fp8":
                 variants += [
-                    dict(fp8_decode=h, block_k=bk, num_stages=s)
+                    (dict(fp8_decode=h, block_k=bk, num_stages=s), few)
                     for h in ("int", "native", "f16")
                     for bk, s in ((128, 3), (128, 4), (256, 2))
                 ]
-        for kw in variants:
-            shapes = ((64, 1024), (64, 2048), (256, 1024), (256, 2048)) if len(kw) < 2 else ((64, 2048), (256, 1024))
+            variants += [(dict(dots="fma", block_k=bk), few) for bk in (16, 32, 128)]
+            variants += [(dict(dots="fma", num_warps=w), few) for w in (2, 8)]
+        for kw, shapes in variants:
             for batch, ctx in shapes:
                 try:
-                    sec, bw = time_decode(cache, batch, ctx, **kw)
+                    sec, bw = time_decode(cache, batch, ctx, q_heads=args.q_heads, **kw)
                     rows.append((kind, str(kw), batch, ctx, sec * 1e6, bw / 1e12, 100 * bw / CEILING))
                     print("{} {} b={} ctx={}: {:.1f} us {:.2f} TB/s {:.1f}%".format(*rows[-1]), flush=True)
                 except Exception as e:  # noqa: BLE001
                     print(f"{kind} {kw} b={batch} ctx={ctx}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         del cache
-    print("\n## decode attention, bytes actually read / kernel time (ceiling 4.24 TB/s)")
+    print(
+        f"\n## decode attention, {args.q_heads} q / {KV_HEADS} kv heads: bytes read / kernel time (ceiling 4.24 TB/s)"
+    )
     print("| cache | variant | batch | context | us | TB/s | % of 4.24 |")
     for r in rows:
         print("| {} | {} | {} | {} | {:.1f} | {:.2f} | {:.1f} |".format(*r))
