@@ -13,9 +13,9 @@ so the head dim must be a power of two (64 or 128 in Qwen3).
 The math is the unfused path's, in its order: RMSNorm in float32 (x * rsqrt(mean(x^2) + eps)), cast to
 the model dtype, times the weight; then RoPE with cos/sin of positions * inv_freq in float32, cast to the
 model dtype, and the rotation in the model dtype (layers/rotary.py). The frequencies inv_freq [H/2] come
-in as an operand computed by XLA with `apply_rope`'s own expression, so kernel and reference rotate by
-the same float32 angles (an ulp off in a frequency moves the angle at position 4000 by ~1e-4 rad); XLA
-can merge the layers' identical copies of that small fusion into one.
+in as an operand computed by XLA with the function `apply_rope` uses (`rope_inv_freq`), so kernel and
+reference rotate by the same float32 angles (an ulp off in a frequency moves the angle at position 4000 by
+~1e-4 rad); XLA can merge the layers' identical copies of that small fusion into one.
 `qk_norm_rope_store_reference` is the unfused path itself (`rms_norm_reference`, the model's norm;
 `apply_rope`; `store_kv_reference`), and the CPU runs it.
 
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from nanovllm_jax.layers.rotary import apply_rope
+from nanovllm_jax.layers.rotary import apply_rope, rope_inv_freq
 
 from ._checks import check_cache, check_int32
 from .kv_store import store_kv_reference
@@ -90,11 +90,6 @@ def _qk_norm_rope_store_kernel(
         v_cache_ref[page, head, offset, :] = v_ref[...]
 
 
-def _inv_freq(head_dim: int, theta: float):
-    """[H/2] float32 RoPE frequencies: `apply_rope`'s expression, so that XLA computes the same values."""
-    return 1.0 / (theta ** (jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim))
-
-
 @functools.partial(jax.jit, static_argnames=("theta", "eps", "interpret"), donate_argnums=(0, 1))
 def _qk_norm_rope_store_pallas(
     k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm, *, theta, eps, interpret=False
@@ -129,7 +124,7 @@ def _qk_norm_rope_store_pallas(
         compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
         interpret=interpret,
         name="qk_norm_rope_store",
-    )(positions, slot_mapping, _inv_freq(head_dim, theta), q_norm, k_norm, qkv, qkv, k_cache, v_cache)
+    )(positions, slot_mapping, rope_inv_freq(head_dim, theta), q_norm, k_norm, qkv, qkv, k_cache, v_cache)
 
 
 def _check(k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm):

@@ -14,10 +14,15 @@ def rope_theta(hf_config) -> float:
     return float(getattr(hf_config, "rope_theta", 10000.0))
 
 
+def rope_inv_freq(head_dim: int, theta: float):
+    """[H/2] float32 RoPE frequencies (the fused kernel takes the same values as an operand)."""
+    return 1.0 / (theta ** (jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim))
+
+
 def apply_rope(x, positions, theta: float):
     """x [T, n, H], positions [T] int32 -> x rotated, in x's dtype (angles in float32)."""
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
+    inv_freq = rope_inv_freq(x.shape[-1], theta)
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
     cos = jnp.cos(angles)[:, None, :].astype(x.dtype)
     sin = jnp.sin(angles)[:, None, :].astype(x.dtype)
