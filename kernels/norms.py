@@ -3,7 +3,9 @@
 In a decoder layer each residual add is followed by an RMSNorm; XLA runs the two as separate kernels,
 twice per layer, and a small decode step is bound by kernel launches. `add_rms_norm(x, residual)`
 returns (RMSNorm(x + residual), x + residual) from one kernel; `rms_norm` is the same kernel without the
-residual (one kernel, a static flag). The math is the model's: the sum in the model dtype, the
+residual (one kernel, a static flag). `x` may also be split-K partial sums [S, ..., D] of the sublayer's
+output (`gemm.matmul_partials`): the kernel adds them in float32 and rounds to the model dtype before the
+residual add, so the GEMM needs no reduction kernel of its own. The math is the model's: the sum in the model dtype, the
 mean of squares in float32, `rsqrt(mean + eps)`, the normed row cast to the model dtype, then times the
 weight (in the model dtype); the jnp references are exactly the model's old code, what the CPU runs.
 
@@ -23,6 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .gemm import sum_partials
+
 try:  # Mosaic GPU's Pallas module imports on CPU builds too; guarded so that the package never fails.
     from jax.experimental.pallas import mosaic_gpu as plmgpu
 except ImportError:  # pragma: no cover
@@ -31,25 +35,30 @@ except ImportError:  # pragma: no cover
 DTYPES = (jnp.bfloat16, jnp.float32)
 
 
-def _norm_kernel(*refs, eps: float, has_residual: bool):
-    # x [D] this row; residual [D] this row (has_residual); weight [D]; out [D] this row; new_residual [D]
-    # this row (has_residual). D need not be a power of two: the row is read as a padded block.
+def _norm_kernel(*refs, eps: float, has_residual: bool, num_partials: int):
+    # x [D] this row (num_partials: [S, D], its partial sums); residual [D] this row (has_residual); weight
+    # [D]; out [D] this row; new_residual [D] this row (has_residual). D need not be a power of two: the row
+    # is read as a padded block.
     if has_residual:
         x_ref, res_ref, w_ref, o_ref, new_res_ref = refs
     else:
         (x_ref, w_ref, o_ref), res_ref, new_res_ref = refs, None, None
-    d = x_ref.shape[0]
+    d = x_ref.shape[-1]
     block = pl.next_power_of_2(d)
     cols = jnp.arange(block)
     mask = None if block == d else cols < d
 
-    def load(ref):
-        return plgpu.load(ref.at[cols]) if mask is None else plgpu.load(ref.at[cols], mask=mask, other=0)
+    def load(ref, *lead):  # lead: the partial's index
+        idx = ref.at[(*lead, cols)]
+        return plgpu.load(idx) if mask is None else plgpu.load(idx, mask=mask, other=0)
 
     def store(ref, val):
         plgpu.store(ref.at[cols], val, mask=mask)
 
-    x = load(x_ref)
+    if num_partials:
+        x = sum(load(x_ref, p).astype(jnp.float32) for p in range(num_partials)).astype(o_ref.dtype)
+    else:
+        x = load(x_ref)
     if has_residual:
         x = x + load(res_ref)  # in the model dtype, as the model's `x + h`
         store(new_res_ref, x)
@@ -62,17 +71,21 @@ def _norm_kernel(*refs, eps: float, has_residual: bool):
 @functools.partial(jax.jit, static_argnames=("eps", "interpret"))
 def _norm_pallas(x, residual, weight, *, eps, interpret=False):
     has_residual = residual is not None
-    shape, d = x.shape, x.shape[-1]
-    x = x.reshape(-1, d)  # [R, D] rows
-    rows = x.shape[0]
+    num_partials = x.shape[0] if has_residual and x.ndim > residual.ndim else 0
+    shape, d, dtype = x.shape[1:] if num_partials else x.shape, x.shape[-1], weight.dtype
     row = pl.BlockSpec((None, d), lambda i: (i, 0))  # [R, D] -> this row [D]
+    if num_partials:
+        x, x_spec = x.reshape(num_partials, -1, d), pl.BlockSpec((num_partials, None, d), lambda i: (0, i, 0))
+    else:
+        x, x_spec = x.reshape(-1, d), row
+    rows = x.shape[-2]
     args = (x, residual.reshape(-1, d), weight) if has_residual else (x, weight)
-    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)] * (2 if has_residual else 1)
+    out_shape = [jax.ShapeDtypeStruct((rows, d), dtype)] * (2 if has_residual else 1)
     block = pl.next_power_of_2(d)
     outs = pl.pallas_call(
-        functools.partial(_norm_kernel, eps=eps, has_residual=has_residual),
+        functools.partial(_norm_kernel, eps=eps, has_residual=has_residual, num_partials=num_partials),
         grid=(rows,),
-        in_specs=[row] * (len(args) - 1) + [pl.BlockSpec((d,), lambda i: (0,))],  # x, residual; weight [D]
+        in_specs=[x_spec] + [row] * (len(args) - 2) + [pl.BlockSpec((d,), lambda i: (0,))],  # x, residual; weight
         out_specs=[row] * len(out_shape),  # normed, new residual
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=min(max(block // 256, 1), 8), num_stages=1),
@@ -153,7 +166,10 @@ def rms_norm_reference(x, weight, eps):
 
 
 def add_rms_norm_reference(x, residual, weight, eps):
-    """(rms_norm_reference(x + residual), x + residual); the sum in x's dtype."""
+    """(rms_norm_reference(x + residual), x + residual); the sum in residual's dtype. x may be partial sums
+    [S, ..., D]: their float32 sum rounded to residual's dtype is x."""
+    if x.ndim > residual.ndim:
+        x = sum_partials(x, residual.dtype)
     new_residual = x + residual
     return rms_norm_reference(new_residual, weight, eps), new_residual
 
@@ -161,14 +177,23 @@ def add_rms_norm_reference(x, residual, weight, eps):
 def _check(x, residual, weight, backend):
     if backend not in ("triton", "mosaic"):
         raise ValueError(f"backend must be 'triton' or 'mosaic', got {backend!r}")
-    if x.ndim < 1 or x.dtype not in DTYPES:
-        raise ValueError(f"x must be a bfloat16 or float32 array [..., D], got {x.dtype} {x.shape}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual must match x ({x.dtype} {x.shape}), got {residual.dtype} {residual.shape}")
-    if weight.shape != x.shape[-1:] or weight.dtype != x.dtype:
-        raise ValueError(f"weight must be {x.dtype} {x.shape[-1:]}, got {weight.dtype} {weight.shape}")
-    if backend == "mosaic" and (plmgpu is None or x.shape[-1] % 128):
-        raise ValueError(f"the Mosaic GPU kernel needs a hidden size that is a multiple of 128, got {x.shape[-1]}")
+    shape, dtype = x.shape, x.dtype  # of the sublayer's output
+    if residual is not None and x.ndim == residual.ndim + 1:  # partial sums [S, ..., D]
+        if x.shape[1:] != residual.shape or x.dtype not in (jnp.float32, residual.dtype):
+            raise ValueError(
+                f"partial sums must be [S, *{residual.shape}] in float32 or {residual.dtype}, got {x.dtype} {x.shape}"
+            )
+        if backend == "mosaic":
+            raise ValueError("the Mosaic GPU kernel takes no partial sums; use backend='triton'")
+        shape, dtype = residual.shape, residual.dtype
+    if len(shape) < 1 or dtype not in DTYPES:
+        raise ValueError(f"x must be a bfloat16 or float32 array [..., D], got {dtype} {shape}")
+    if residual is not None and (residual.shape != shape or residual.dtype != dtype):
+        raise ValueError(f"residual must match x ({dtype} {shape}), got {residual.dtype} {residual.shape}")
+    if weight.shape != shape[-1:] or weight.dtype != dtype:
+        raise ValueError(f"weight must be {dtype} {shape[-1:]}, got {weight.dtype} {weight.shape}")
+    if backend == "mosaic" and (plmgpu is None or shape[-1] % 128):
+        raise ValueError(f"the Mosaic GPU kernel needs a hidden size that is a multiple of 128, got {shape[-1]}")
 
 
 def _norm(x, residual, weight, eps, backend, interpret):
@@ -185,7 +210,8 @@ def add_rms_norm(x, residual, weight, eps, *, backend="triton", interpret=False)
     """Public entry: the residual add and the RMSNorm after it, in one kernel.
 
     Args:
-      x, residual: [..., D] in the same dtype (bfloat16 or float32); D any size.
+      x, residual: [..., D] in the same dtype (bfloat16 or float32); D any size. x may instead be partial
+        sums [S, ..., D] (float32, or residual's dtype) whose sum is the sublayer's output.
       weight: [D] the norm's scale, in x's dtype.
       eps: the norm's epsilon (a Python float).
       backend: "triton" or "mosaic" (Mosaic GPU, Hopper; D a multiple of 128), see the module docstring.

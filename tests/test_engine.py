@@ -279,13 +279,15 @@ def test_second_start_loads_saved_programs(tiny, llm):
 def test_bucket_lists():
     from nanovllm_jax.engine.model_runner import decode_buckets, pick, prefill_buckets
 
-    assert decode_buckets(512) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
-    assert decode_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
-    assert decode_buckets(2000)[-2:] == [1024, 2000]  # max_num_seqs is always a bucket
+    # Multiples of 16 rows (the decode GEMMs'); max_num_seqs rounded up to one is always a bucket.
+    assert decode_buckets(512) == [16, 32, 64, 128, 256, 512]
+    assert decode_buckets(48) == [16, 32, 48]
+    assert decode_buckets(2000)[-2:] == [1024, 2000]
+    assert decode_buckets(5) == [16] and decode_buckets(40) == [16, 32, 48]
     assert prefill_buckets(16384) == [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
     assert prefill_buckets(1000) == [64, 128, 256, 512, 1000]
     assert prefill_buckets(10) == [10]
-    assert [pick(decode_buckets(48), n) for n in (1, 3, 33, 48)] == [1, 4, 48, 48]
+    assert [pick(decode_buckets(48), n) for n in (1, 3, 33, 48)] == [16, 16, 48, 48]
 
 
 @pytest.mark.parametrize("window", [1, 4, 16])

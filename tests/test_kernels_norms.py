@@ -108,6 +108,34 @@ def test_nan_row_stays_in_its_row():
     np.testing.assert_array_equal(new_res, np.asarray(want_res, np.float32))
 
 
+@pytest.mark.parametrize("num_partials,dtype", [(1, jnp.bfloat16), (3, jnp.float32), (4, jnp.bfloat16)])
+def test_partial_sums(num_partials, dtype):
+    """x as split-K partial sums [S, R, D] (float32, or the model dtype): added in float32 and rounded
+    before the residual add, as the reference does; the new residual bit-exact."""
+    x, res, weight = _inputs((5, 96), jnp.bfloat16)
+    parts = jnp.asarray(np.random.default_rng(1).standard_normal((num_partials, 5, 96)) * 2, dtype)
+    if num_partials > 1:
+        parts = parts.astype(jnp.float32)
+    normed, new_res = add_rms_norm(parts, res, weight, EPS, interpret=INTERPRET)
+    summed = jnp.sum(parts.astype(jnp.float32), axis=0).astype(jnp.bfloat16)
+    want_normed, want_res = _reference(summed, res, weight, EPS)
+    assert normed.shape == new_res.shape == res.shape
+    np.testing.assert_array_equal(np.asarray(new_res, np.float32), np.asarray(want_res, np.float32))
+    _assert_normed(normed, want_normed, exact=not ON_GPU)
+    ref_normed, ref_res = _reference(parts, res, weight, EPS)  # the reference takes partials too
+    np.testing.assert_array_equal(np.asarray(ref_res, np.float32), np.asarray(want_res, np.float32))
+
+
+def test_partial_sums_checks():
+    _, res, weight = _inputs((3, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="partial sums"):
+        add_rms_norm(jnp.zeros((2, 3, 64), jnp.float32), res, weight, EPS)  # wrong row shape
+    with pytest.raises(ValueError, match="partial sums"):
+        add_rms_norm(jnp.zeros((2, 3, 128), jnp.float16), res, weight, EPS)  # neither float32 nor bf16
+    with pytest.raises(ValueError, match="no partial sums"):
+        add_rms_norm(jnp.zeros((2, 3, 128), jnp.float32), res, weight, EPS, backend="mosaic")
+
+
 def test_no_rows():
     x, res, weight = _inputs((0, 64), jnp.bfloat16)
     normed, new_res = add_rms_norm(x, res, weight, EPS, interpret=INTERPRET)
@@ -169,3 +197,9 @@ def test_lowers_for_the_gpu(backend, dim, residual):
 def test_gpu_add_rms_norm(backend, dtype, dim, rows):
     _check((rows, dim), dtype, seed=dim + rows, backend=backend)
     _check((rows, dim), dtype, residual=False, seed=dim + rows, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_partials", [1, 4, 8])
+def test_gpu_partial_sums(num_partials):
+    test_partial_sums(num_partials, jnp.bfloat16)

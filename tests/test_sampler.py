@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nanovllm_jax.layers.sampler import sample
+from nanovllm_jax.layers.sampler import argmax, gumbel_noise, sample
 
 ALPHA = 1e-6
 N = 20000  # draws per distribution
@@ -267,3 +267,125 @@ def test_full_vocab_size_batch():
     assert toks[1] in set(np.argsort(-lg[1])[:5].tolist())
     assert toks[2] == lg[2].argmax()  # a tiny top_p keeps only the top token
     assert 0 <= toks[3] < v
+
+
+def _hard_rows(v, rng):
+    """Rows [R, V] float32 that stress argmax: ties inside chunks and across chunk borders, -inf, NaN, +-0."""
+    chunk = v // next(c for c in (128, 64, 32, 16, 8, 4, 2, 1) if v % c == 0)  # as sampler.argmax splits
+    rows = []
+
+    def row(idx=(), val=0.0, fill=None):
+        r = rng.normal(size=v) if fill is None else np.full(v, fill)
+        r[np.asarray(idx, int) % v] = val
+        rows.append(r)
+
+    row()
+    row([v - 1], 9.0)  # max at the last index
+    for border in (chunk, 2 * chunk, v - chunk):  # the same max at both sides of a chunk border
+        row([border - 1, border], 7.0)
+    row([3, chunk, chunk + 3, v - 1], 5.0)  # ties inside a chunk and in later chunks
+    row([chunk + 2, chunk + 1, 2 * chunk - 1], 6.0)
+    row(fill=0.0)  # all tied
+    row(range(v // 2), -0.0, fill=0.0)  # -0.0 and +0.0 tie
+    row(fill=-np.inf)
+    row([v - 1], -1e30, fill=-np.inf)
+    row(rng.integers(0, v, size=max(v // 3, 1)), -np.inf)
+    row(fill=np.inf)
+    row([v // 2], np.nan)
+    row([v - 1, chunk + 1, v // 2], np.nan)
+    row([v - 1], np.nan, fill=-np.inf)
+    row([v - 1], np.nan)
+    rows[-1][0] = np.inf  # +inf before the NaN: must stay the last row
+    return np.stack(rows).astype(np.float32)
+
+
+NAN_AFTER_INF_ROW = -1  # the last row of _hard_rows
+
+
+@pytest.mark.parametrize("v", [1, 7, 20, 24, 128, 500, 640, 2 * 1187, 151936])
+def test_two_stage_argmax_matches_jnp_argmax(v):
+    rows = _hard_rows(v, np.random.default_rng(v))
+    want = np.argmax(rows, -1)  # numpy: the first maximum, or the first NaN
+    np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(jnp.asarray(rows))), want)
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(rows, -1)), want)
+    # Temperature-0 rows of both paths are exactly the argmax too (the full path: but for +inf before a NaN).
+    b = rows.shape[0]
+    args = (jnp.asarray(rows), jnp.zeros(b), jnp.full(b, -1, jnp.int32), jnp.ones(b), jax.random.key(0, impl="rbg"))
+    np.testing.assert_array_equal(np.asarray(_sample(*args, use_top_k_top_p=False)), want)
+    full = np.asarray(_sample(*args, use_top_k_top_p=True))
+    np.testing.assert_array_equal(full[:NAN_AFTER_INF_ROW], want[:NAN_AFTER_INF_ROW])
+    assert full[NAN_AFTER_INF_ROW] == 0  # the +inf at 0 sorts with the NaN at V - 1: the lower index wins
+    # Sampled rows of a row with a NaN draw the first NaN; rows with one finite token draw it.
+    temps = jnp.ones(b)
+    for use in (False, True):
+        toks = np.asarray(_sample(jnp.asarray(rows), temps, *args[2:], use_top_k_top_p=use))
+        for i, r in enumerate(rows):
+            if np.isnan(r).any() and not (use and np.isposinf(r).any()):
+                assert toks[i] == np.flatnonzero(np.isnan(r))[0]
+            elif np.isfinite(r).sum() == 1:
+                assert toks[i] == np.flatnonzero(np.isfinite(r))[0]
+
+
+def test_gumbel_noise_distribution():
+    key = jax.random.fold_in(jax.random.key(3, impl="rbg"), 5)
+    g = np.asarray(gumbel_noise(key, (16, 1 << 16)), np.float64)
+    assert np.isfinite(g).all()
+    assert stats.kstest(g.ravel(), stats.gumbel_r.cdf).pvalue > ALPHA
+    for row in g[[0, 1, 15]]:  # each row on its own
+        assert stats.kstest(row, stats.gumbel_r.cdf).pvalue > ALPHA
+    # The upper tail, which decides the argmax over a large vocabulary: P(g > t) = 1 - exp(-exp(-t)).
+    for t in (4.0, 7.0, 10.0):
+        p = -np.expm1(-np.exp(-t))
+        assert stats.binomtest(int((g > t).sum()), g.size, p).pvalue > ALPHA
+    # Neighbouring rows and columns are uncorrelated; another key gives other noise.
+    assert abs(np.corrcoef(g[0], g[1])[0, 1]) < 5.5 / np.sqrt(g.shape[1])
+    assert abs(np.corrcoef(g[0, :-1], g[0, 1:])[0, 1]) < 5.5 / np.sqrt(g.shape[1])
+    g2 = np.asarray(gumbel_noise(jax.random.fold_in(jax.random.key(3, impl="rbg"), 6), g.shape))
+    assert abs(np.corrcoef(g.ravel(), g2.ravel())[0, 1]) < 5.5 / np.sqrt(g.size)
+    np.testing.assert_array_equal(np.asarray(gumbel_noise(key, g.shape)), g.astype(np.float32))
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_draws_independent_across_rows_and_steps(full):
+    """Pairs of neighbouring rows, and the same row under the keys of consecutive steps, draw independently:
+    chi-square tests of independence on the joint counts."""
+    logits = np.log(np.array([0.4, 0.3, 0.2, 0.1], np.float32))
+    n = N
+    base = jax.random.key(9, impl="rbg")
+    draw = lambda key: np.asarray(  # noqa: E731
+        _sample(
+            jnp.tile(jnp.asarray(logits)[None], (n, 1)),
+            jnp.ones(n),
+            jnp.full(n, -1, jnp.int32),
+            jnp.ones(n),
+            key,
+            use_top_k_top_p=full,
+        )
+    )
+    a, b = draw(jax.random.fold_in(base, 0)), draw(jax.random.fold_in(base, 1))
+    for x, y in [(a[0::2], a[1::2]), (a, b)]:
+        table = np.zeros((4, 4))
+        np.add.at(table, (x, y), 1)
+        assert stats.chi2_contingency(table).pvalue > ALPHA
+    _assert_fits(np.bincount(a, minlength=4), _ref_probs(logits))
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_distribution_across_chunk_borders(full):
+    """V = 640: the argmax runs as 128 chunks of 5; the mass sits on tokens at and around chunk borders."""
+    v = 640
+    logits = np.full(v, -4.0, np.float32)
+    hot = [0, 4, 5, 9, 10, 319, 320, 634, 635, 639]
+    logits[hot] = np.random.default_rng(8).normal(size=len(hot)) + 1.0
+    counts = _draw(logits, N, temperature=1.0, full=full, seed=31)
+    _assert_fits(counts, _ref_probs(logits))
+
+
+def test_no_vocabulary_sized_random_bits():
+    """The noise is hashed elementwise: the only random bits drawn are two scalar words."""
+    b, v = 4, 151936
+    args = (jnp.zeros((b, v)), jnp.ones(b), jnp.full(b, -1, jnp.int32), jnp.ones(b), jax.random.key(0, impl="rbg"))
+    for full in (False, True):
+        jaxpr = jax.make_jaxpr(functools.partial(sample, use_top_k_top_p=full))(*args)
+        shapes = re.findall(r"random_bits\[[^\]]*shape=\(([^)]*)\)", str(jaxpr))
+        assert shapes == ["2,"], shapes

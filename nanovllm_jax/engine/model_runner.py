@@ -28,6 +28,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from nanovllm_jax import kernels
 from nanovllm_jax.config import Config
 from nanovllm_jax.engine.decode_batch import DecodeBatch, DecodeState
 from nanovllm_jax.engine.kv_cache import CACHE_SPEC, CPU_KV_CACHE_BYTES, KVCacheLayout, blocks_from_memory
@@ -38,16 +39,18 @@ from nanovllm_jax.layers.attention import AttentionMetadata
 from nanovllm_jax.layers.sampler import sample
 from nanovllm_jax.utils.loader import TP_AXIS, load_model, make_mesh
 
-# Decode batches pad to the next of these (capped at max_num_seqs). A padded row reads no KV (its
-# context is 0) and writes nowhere (slot -1), so coarse buckets cost little.
-DECODE_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Decode batches pad to the next of these (capped at max_num_seqs rounded up to a multiple of 16). A
+# padded row reads no KV (its context is 0) and writes nowhere (slot -1), so coarse buckets cost little,
+# and the decode GEMMs (`kernels.matmul`) take multiples of 16 rows.
+DECODE_BATCH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 # Prefill token counts pad to the next power of two from this minimum (capped at max_num_batched_tokens).
 MIN_PREFILL_TOKENS = 64
 PREFILL_STREAM, DECODE_STREAM = 0, 1  # the sampler's rng streams, folded into the seed
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
-    return sorted({min(b, max_num_seqs) for b in DECODE_BATCH_BUCKETS} | {max_num_seqs})
+    top = -(-max_num_seqs // kernels.ROW_MULTIPLE) * kernels.ROW_MULTIPLE
+    return sorted({min(b, top) for b in DECODE_BATCH_BUCKETS} | {top})
 
 
 def prefill_buckets(max_num_batched_tokens: int) -> list[int]:
@@ -106,7 +109,7 @@ class ModelRunner:
         self.kv_caches = self.cache_layout.allocate(self.num_blocks)
         jax.block_until_ready(self.kv_caches)
         self.startup_s["kv_cache"], clock = time.perf_counter() - clock, time.perf_counter()
-        self.decode_state = DecodeState.zeros(config.max_num_seqs, self.width, self.replicated)
+        self.decode_state = DecodeState.zeros(self.decode_buckets[-1], self.width, self.replicated)
         self.batch = DecodeBatch(self.vocab_size, config.max_model_len)
         on_cpu = self.mesh.devices.flat[0].platform == "cpu"
         directory = None if on_cpu else os.path.join(jax.config.jax_compilation_cache_dir, "nanovllm_executables")
@@ -144,7 +147,7 @@ class ModelRunner:
         return logits[:, : self.vocab_size]  # drop the vocab padding of tensor parallelism
 
     def _key(self, stream: int, step):
-        # "rbg" (XLA's RngBitGenerator) draws the [B, V] Gumbel noise far cheaper on the GPU than threefry.
+        # The sampler draws two words from this key per step and hashes them into its Gumbel noise.
         return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed, impl="rbg"), stream), step)
 
     def _prefill_fn(self, weights, kv_caches, ints, shape: PrefillShape):
@@ -276,7 +279,7 @@ class ModelRunner:
                 _, self.kv_caches, self.decode_state = program(self.state, self.kv_caches, self.decode_state, *inputs)
         jax.block_until_ready((self.kv_caches, self.decode_state))
         # A fresh decode state (the runs advanced its sampling-step counter); every row joins anew.
-        self.decode_state = DecodeState.zeros(self.config.max_num_seqs, self.width, self.replicated)
+        self.decode_state = DecodeState.zeros(self.decode_buckets[-1], self.width, self.replicated)
         self.batch.clear()
 
     # ---- programs ------------------------------------------------------------------------------------

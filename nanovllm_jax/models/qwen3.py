@@ -1,5 +1,8 @@
 """The Qwen3 causal LM as a Flax NNX module (Qwen2-style checkpoints too: qkv bias, no q/k norm).
 
+The projections run `kernels.matmul` (decode-sized GEMMs; XLA's dot elsewhere). The row-parallel ones
+(o and down) return split-K partial sums, which the residual norm after them adds (`_row_parallel`).
+
 Written for tensor parallelism from the start: the module is built with the *per-shard* sizes of
 `ModelArgs.for_shard`, and `tp_axis` names the mesh axis to all-reduce over (None on one device).
 Under `shard_map` each device runs exactly this single-device math on its slice: q/k/v and gate/up are
@@ -102,8 +105,13 @@ def _param(shape, dtype):
     return nnx.Param(jnp.zeros(shape, dtype))
 
 
-def _all_reduce(x, tp_axis):
-    return x if tp_axis is None else jax.lax.psum(x, tp_axis)
+def _row_parallel(x, w, tp_axis):
+    """x @ w for a row-parallel projection, as split-K partial sums [S, T, D] (`kernels.matmul_partials`)
+    that the next residual norm adds; under TP they are added here and all-reduced: [T, D]."""
+    partials = kernels.matmul_partials(x, w)
+    if tp_axis is None:
+        return partials
+    return jax.lax.psum(kernels.sum_partials(partials, x.dtype), tp_axis)
 
 
 class RMSNorm(nnx.Module):
@@ -119,6 +127,7 @@ class RMSNorm(nnx.Module):
         self.eps, self.impl = eps, impl
 
     def __call__(self, x, residual=None):
+        """x [..., D], or with a residual also the partial sums [S, ..., D] of a row-parallel projection."""
         if residual is None:
             return kernels.rms_norm_reference(x, self.weight[...], self.eps)
         add_norm = kernels.add_rms_norm_reference if self.impl == "reference" else kernels.add_rms_norm
@@ -137,7 +146,7 @@ class Qwen3Attention(nnx.Module):
 
     def __call__(self, x, positions, kv_cache: tuple, md: AttentionMetadata):
         T = x.shape[0]
-        qkv = jnp.einsum("TD,DF->TF", x, self.qkv[...])
+        qkv = kernels.matmul(x, self.qkv[...])
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...]
         if self.q_norm is not None and not kernels.is_fp8_cache(kv_cache):
@@ -154,8 +163,7 @@ class Qwen3Attention(nnx.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope(q, positions, self.theta), apply_rope(k, positions, self.theta)
             o, kv_cache = paged_attention(q, k, v, kv_cache, md, self.attn_impl)
-        out = jnp.einsum("TF,FD->TD", o.reshape(T, self.n * self.h), self.o[...])
-        return _all_reduce(out, self.tp_axis), kv_cache
+        return _row_parallel(o.reshape(T, self.n * self.h), self.o[...], self.tp_axis), kv_cache
 
 
 class Qwen3MLP(nnx.Module):
@@ -165,9 +173,9 @@ class Qwen3MLP(nnx.Module):
         self.tp_axis = tp_axis
 
     def __call__(self, x):
-        gate, up = jnp.split(jnp.einsum("TD,DF->TF", x, self.gate_up[...]), 2, axis=-1)
-        out = jnp.einsum("TI,ID->TD", jax.nn.silu(gate) * up, self.down[...])
-        return _all_reduce(out, self.tp_axis)
+        gate_up = kernels.sum_partials(kernels.matmul_partials(x, self.gate_up[...]), x.dtype)  # [T, 2I]
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        return _row_parallel(jax.nn.silu(gate) * up, self.down[...], self.tp_axis)
 
 
 class Qwen3DecoderLayer(nnx.Module):

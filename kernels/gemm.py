@@ -1,0 +1,150 @@
+"""Decode GEMMs: x [M, K] @ w [K, N] for 16-512 rows, where the time is reading the weights.
+
+A decode step multiplies a few activation rows by each weight matrix once, so each GEMM should stream its
+weights at the device's bandwidth; XLA's GEMMs reach a quarter of it at these shapes. The kernel tiles
+the output over (row tiles, column tiles) and K over `split_k` programs, enough programs to fill the GPU:
+- `matmul` (one K split) returns the product in x's dtype;
+- `matmul_partials` may split K and returns the partial sums [S, M, N] (float32 when S > 1; S = 1: x's
+  dtype), which the consumer adds: the residual norm (`norms.add_rms_norm`) takes them as its input, and
+  `sum_partials` adds them where an XLA fusion follows (it fuses the sum).
+
+Triton lowering of Pallas, bfloat16 and float16. M must be a multiple of 16 (the smallest dot of the
+Triton lowering; the engine's decode buckets are) and at most `MAX_ROWS`; other shapes, float32 (which
+must keep the caller's matmul precision) and the CPU run the jnp reference, XLA's dot.
+"""
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+DTYPES = (jnp.bfloat16, jnp.float16)
+ROW_MULTIPLE = 16  # the smallest dot operand dimension of the Triton lowering
+MAX_ROWS = 512  # above this a GEMM is a prefill's, where XLA's GEMMs are the better tool
+MIN_PROGRAMS = 96  # split K until the grid has this many programs (H200: 132 SMs)
+MAX_SPLIT_K = 8
+
+
+@dataclass(frozen=True)
+class Tiling:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def fits(self, m: int, k: int, n: int) -> bool:
+        return m % self.block_m == 0 and n % self.block_n == 0 and k % (self.split_k * self.block_k) == 0
+
+    def programs(self, m: int, n: int) -> int:
+        return (m // self.block_m) * (n // self.block_n) * self.split_k
+
+
+def default_tiling(m: int, k: int, n: int, max_split_k: int = 1) -> Tiling:
+    """Row tiles of up to 64 rows; 64 columns (128 from 256 rows); K in steps of 128, split (up to
+    `max_split_k`) until the grid has `MIN_PROGRAMS` programs."""
+    block_m = next((b for b in (64, 32, 16) if m % b == 0), ROW_MULTIPLE)
+    tiling = Tiling(block_m=block_m, block_n=128 if m >= 256 else 64, block_k=128, split_k=1)
+    while tiling.programs(m, n) < MIN_PROGRAMS and tiling.split_k < max_split_k:
+        wider = Tiling(tiling.block_m, tiling.block_n, tiling.block_k, 2 * tiling.split_k)
+        if not wider.fits(m, k, n):
+            break
+        tiling = wider
+    return tiling
+
+
+def _matmul_kernel(x_ref, w_ref, o_ref, *, block_k: int):
+    # x [bm, Ks]; w [Ks, bn]; out [bm, bn] (split K: this split's partial sums [1, bm, bn]).
+    block_m, block_n = o_ref.shape[-2:]
+
+    def body(i, acc):
+        cols = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        return acc + jnp.dot(x_ref[:, cols], w_ref[cols, :], preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, w_ref.shape[0] // block_k, body, jnp.zeros((block_m, block_n), jnp.float32))
+    o_ref[...] = acc.reshape(o_ref.shape).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+def _matmul_pallas(x, w, *, tiling: Tiling, interpret=False):
+    """[S, M, N] partial sums (float32 when S > 1, else x's dtype)."""
+    (m, k), n, t = x.shape, w.shape[1], tiling
+    ks = k // t.split_k
+    return pl.pallas_call(
+        functools.partial(_matmul_kernel, block_k=t.block_k),
+        grid=(m // t.block_m, n // t.block_n, t.split_k),  # row tiles vary fastest: they share a weight tile
+        in_specs=[
+            pl.BlockSpec((t.block_m, ks), lambda i, j, s: (i, s)),
+            pl.BlockSpec((ks, t.block_n), lambda i, j, s: (s, j)),
+        ],
+        out_specs=pl.BlockSpec((1, t.block_m, t.block_n), lambda i, j, s: (s, i, j)),
+        out_shape=jax.ShapeDtypeStruct((t.split_k, m, n), jnp.float32 if t.split_k > 1 else x.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
+        interpret=interpret,
+        name="decode_matmul",
+    )(x, w)
+
+
+def matmul_reference(x, w):
+    """x @ w by XLA, in x's dtype (the caller's matmul precision applies)."""
+    return jnp.dot(x, w)
+
+
+def _check(x, w, tiling):
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"need x [M, K] and w [K, N], got {x.shape} and {w.shape}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"x and w must have one dtype, got {x.dtype} and {w.dtype}")
+    if tiling is not None and not tiling.fits(x.shape[0], x.shape[1], w.shape[1]):
+        raise ValueError(f"{tiling} does not tile x {x.shape} @ w {w.shape}")
+
+
+def _kernel_tiling(x, w, tiling, max_split_k, interpret):
+    """The tiling to run the kernel with, or None where the reference runs."""
+    (m, k), n = x.shape, w.shape[1]
+    if tiling is not None:
+        return tiling
+    if not (interpret or jax.default_backend() != "cpu") or x.dtype not in DTYPES:
+        return None
+    if m % ROW_MULTIPLE or m > MAX_ROWS:
+        return None
+    tiling = default_tiling(m, k, n, max_split_k)
+    return tiling if tiling.fits(m, k, n) else None
+
+
+def matmul(x, w, *, tiling: Tiling | None = None, interpret=False):
+    """Public entry: x [M, K] @ w [K, N] -> [M, N] in x's dtype (float32 accumulation).
+
+    tiling: the kernel's tiles, its split_k 1 (`default_tiling` if None). interpret: run the Pallas
+    kernel in interpret mode (tests on the CPU). Otherwise the CPU, float32 and shapes outside the
+    kernel's (see the module docstring) run `matmul_reference`; a GPU the kernel.
+    """
+    _check(x, w, tiling)
+    if tiling is not None and tiling.split_k != 1:
+        raise ValueError(f"matmul returns the product: its tiling needs split_k 1, got {tiling.split_k}")
+    tiling = _kernel_tiling(x, w, tiling, 1, interpret)
+    return matmul_reference(x, w) if tiling is None else _matmul_pallas(x, w, tiling=tiling, interpret=interpret)[0]
+
+
+def matmul_partials(x, w, *, tiling: Tiling | None = None, interpret=False):
+    """Public entry: x [M, K] @ w [K, N] as partial sums [S, M, N] over S slices of K.
+
+    S is the tiling's split_k (`default_tiling` with up to `MAX_SPLIT_K` splits if None; 1 where the
+    reference runs). S > 1: float32; S == 1: x's dtype. Their sum over the first axis, rounded to x's dtype
+    (`sum_partials`), is the product. Arguments as in `matmul`.
+    """
+    _check(x, w, tiling)
+    tiling = _kernel_tiling(x, w, tiling, MAX_SPLIT_K, interpret)
+    return matmul_reference(x, w)[None] if tiling is None else _matmul_pallas(x, w, tiling=tiling, interpret=interpret)
+
+
+def sum_partials(partials, dtype):
+    """[S, ..., N] partial sums -> their sum [..., N] in `dtype` (float32 adds; one partial: a cast)."""
+    if partials.shape[0] == 1:
+        return partials[0].astype(dtype)
+    return jnp.sum(partials.astype(jnp.float32), axis=0).astype(dtype)
