@@ -1,11 +1,9 @@
 """fp8 KV cache on the GPU: probe fp8 loads in the Triton lowering, and time decode attention fp8 vs bf16.
 
-Qwen3-0.6B heads (16 q, 8 kv, head_dim 128, page 256; `--q-heads 32`: Qwen3-8B's group of 4). Each cache
-is timed with the kernel's tensor-core dots (`dots="mma"`, the default) and with float32 multiply + sum
-over the real query rows (`dots="fma"`); batch 8 at context 4096 runs split contexts. Bytes actually
-read: K and V pages of every sequence (bf16: 2 bytes per element; fp8: 1 byte per element plus a float32
-scale per key and per value row), against the 4.24 TB/s copy ceiling measured on the H200
-(shared/PERFORMANCE.md).
+Qwen3-0.6B heads (16 q, 8 kv, head_dim 128, page 256; `--q-heads 32`: Qwen3-8B's group of 4); batch 8
+at context 4096 runs split contexts. Bytes actually read: K and V pages of every sequence (bf16: 2 bytes
+per element; fp8: 1 byte per element plus a float32 scale per key and per value row), against the
+4.24 TB/s copy ceiling measured on the H200 (shared/PERFORMANCE.md).
 
     python examples/fp8_gpu_check.py [--probe] [--sweep] [--q-heads 32]
 """
@@ -123,7 +121,7 @@ def time_decode(cache, batch, ctx, q_heads=Q_HEADS, **kw):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--probe", action="store_true")
-    p.add_argument("--sweep", action="store_true", help="also try tuning variants (fp8 dots, fma blocks and warps)")
+    p.add_argument("--sweep", action="store_true", help="also try fp8 tuning variants")
     p.add_argument("--q-heads", type=int, default=Q_HEADS, help=f"query heads over {KV_HEADS} kv heads")
     args = p.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
@@ -136,16 +134,13 @@ def main():
     for kind in ("auto", "fp8"):
         cache = make_cache(kind, num_pages)
         decodes = [{}] if kind == "auto" else [dict(fp8_decode=h) for h in ("int", "native", "f16")]
-        variants = [(kw, full) for kw in decodes] + [({**kw, "dots": "fma"}, full) for kw in decodes]
-        if args.sweep:
-            if kind == "fp8":
-                variants += [
-                    (dict(fp8_decode=h, block_k=bk, num_stages=s), few)
-                    for h in ("int", "native", "f16")
-                    for bk, s in ((128, 3), (128, 4), (256, 2))
-                ]
-            variants += [(dict(dots="fma", block_k=bk), few) for bk in (16, 32, 128)]
-            variants += [(dict(dots="fma", num_warps=w), few) for w in (2, 8)]
+        variants = [(kw, full) for kw in decodes]
+        if args.sweep and kind == "fp8":
+            variants += [
+                (dict(fp8_decode=h, block_k=bk, num_stages=s), few)
+                for h in ("int", "native", "f16")
+                for bk, s in ((128, 3), (128, 4), (256, 2))
+            ]
         for kw, shapes in variants:
             for batch, ctx in shapes:
                 try:

@@ -18,6 +18,7 @@ import numpy as np
 from nanovllm_jax.kernels import gemm as mm
 
 COPIES = 16
+SILU_MUL = (mm.matmul_silu_mul_reference, mm.matmul_silu_mul)
 
 
 def layer_shapes(hidden, intermediate, q_heads, kv_heads, head_dim):
@@ -127,6 +128,10 @@ def main():
             best = min(results[1:], key=lambda r: r[1], default=("none", float("nan")))
             auto_us = next((us for label, us in results if label.startswith("auto")), float("nan"))
             rows_out.append((name, m, k, n, results[0][1], auto_us, best[0], best[1], nbytes))
+            if name == "gate_up" and not args.xla_only:  # with the activation: XLA's dot + fusion vs one kernel
+                times = [kernel_us(jax.jit(lambda x, ws, f=f: [f(x, w) for w in ws]), x, ws) for f in SILU_MUL]
+                print(f"  gate_up+silu m={m}: xla {times[0]:.2f} us, kernel {times[1]:.2f} us", flush=True)
+                rows_out.append(("gate_up+silu", m, k, n, times[0], times[1], "auto", times[1], nbytes))
     print("\n| GEMM | rows | K x N | XLA us (TB/s) | auto us (TB/s) | best other | us (TB/s) |")
     print("|---|---:|---|---:|---:|---|---:|")
     for name, m, k, n, xla_us, auto_us, best_name, best_us, nbytes in rows_out:

@@ -11,7 +11,15 @@ Each kernel module holds the kernel, its `pallas_call` wrapper, one public jitte
 checks, and a pure-jnp `*_reference` with the same signature (what CPU runs use).
 """
 
-from .gemm import ROW_MULTIPLE, matmul, matmul_partials, matmul_reference, sum_partials
+from .gemm import (
+    ROW_MULTIPLE,
+    matmul,
+    matmul_partials,
+    matmul_reference,
+    matmul_silu_mul,
+    matmul_silu_mul_reference,
+    sum_partials,
+)
 from .kv_layout import KV_CACHE_DTYPES, is_fp8_cache, kv_cache_bytes, kv_cache_shapes
 from .kv_store import store_kv, store_kv_fp8, store_kv_fp8_reference, store_kv_reference
 from .norms import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
@@ -42,5 +50,7 @@ __all__ = [
     "matmul",
     "matmul_partials",
     "matmul_reference",
+    "matmul_silu_mul",
+    "matmul_silu_mul_reference",
     "sum_partials",
 ]

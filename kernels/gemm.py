@@ -6,7 +6,10 @@ the output over (row tiles, column tiles) and K over `split_k` programs, enough 
 - `matmul` (one K split) returns the product in x's dtype;
 - `matmul_partials` may split K and returns the partial sums [S, M, N] (float32 when S > 1; S = 1: x's
   dtype), which the consumer adds: the residual norm (`norms.add_rms_norm`) takes them as its input, and
-  `sum_partials` adds them where an XLA fusion follows (it fuses the sum).
+  `sum_partials` adds them where an XLA fusion follows (it fuses the sum);
+- `matmul_silu_mul` is the MLP's gate/up projection with its activation: w holds [gate | up] columns and
+  each program multiplies x by a tile of gate columns and the matching tile of up columns, then writes
+  silu(gate) * up [M, N / 2] (float32 accumulators, rounded once), so gate and up are never written.
 
 Triton lowering of Pallas, bfloat16 and float16. M must be a multiple of 16 (the smallest dot of the
 Triton lowering; the engine's decode buckets are) and at most `MAX_ROWS`; other shapes, float32 (which
@@ -58,41 +61,59 @@ def default_tiling(m: int, k: int, n: int, max_split_k: int = 1) -> Tiling:
     return tiling
 
 
-def _matmul_kernel(x_ref, w_ref, o_ref, *, block_k: int):
-    # x [bm, Ks]; w [Ks, bn]; out [bm, bn] (split K: this split's partial sums [1, bm, bn]).
+def _matmul_kernel(*refs, block_k: int, gated: bool):
+    # x [bm, Ks]; w [Ks, bn] (gated: gate and up tiles [K, bn] each); out [1, bm, bn]: this split's partial
+    # sums, or the product (one split), or silu(gate) * up (gated).
+    x_ref, *w_refs, o_ref = refs
     block_m, block_n = o_ref.shape[-2:]
 
-    def body(i, acc):
+    def body(i, accs):
         cols = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        return acc + jnp.dot(x_ref[:, cols], w_ref[cols, :], preferred_element_type=jnp.float32)
+        x = x_ref[:, cols]
+        return tuple(acc + jnp.dot(x, w[cols, :], preferred_element_type=jnp.float32) for acc, w in zip(accs, w_refs))
 
-    acc = lax.fori_loop(0, w_ref.shape[0] // block_k, body, jnp.zeros((block_m, block_n), jnp.float32))
-    o_ref[...] = acc.reshape(o_ref.shape).astype(o_ref.dtype)
+    zeros = tuple(jnp.zeros((block_m, block_n), jnp.float32) for _ in w_refs)
+    accs = lax.fori_loop(0, w_refs[0].shape[0] // block_k, body, zeros)
+    out = accs[0] * jax.nn.sigmoid(accs[0]) * accs[1] if gated else accs[0]
+    o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
-def _matmul_pallas(x, w, *, tiling: Tiling, interpret=False):
-    """[S, M, N] partial sums (float32 when S > 1, else x's dtype)."""
+@functools.partial(jax.jit, static_argnames=("tiling", "gated", "interpret"))
+def _matmul_pallas(x, w, *, tiling: Tiling, gated: bool = False, interpret=False):
+    """[S, M, N] partial sums (float32 when S > 1, else x's dtype); gated: [1, M, N / 2], silu(gate) * up,
+    with the tiling's block_n output columns per program."""
     (m, k), n, t = x.shape, w.shape[1], tiling
     ks = k // t.split_k
+    if gated:
+        n //= 2
+        up = n // t.block_n  # the up half's first column block
+        w_specs = [
+            pl.BlockSpec((k, t.block_n), lambda i, j, s: (0, j)),
+            pl.BlockSpec((k, t.block_n), lambda i, j, s: (0, up + j)),
+        ]
+    else:
+        w_specs = [pl.BlockSpec((ks, t.block_n), lambda i, j, s: (s, j))]
     return pl.pallas_call(
-        functools.partial(_matmul_kernel, block_k=t.block_k),
+        functools.partial(_matmul_kernel, block_k=t.block_k, gated=gated),
         grid=(m // t.block_m, n // t.block_n, t.split_k),  # row tiles vary fastest: they share a weight tile
-        in_specs=[
-            pl.BlockSpec((t.block_m, ks), lambda i, j, s: (i, s)),
-            pl.BlockSpec((ks, t.block_n), lambda i, j, s: (s, j)),
-        ],
+        in_specs=[pl.BlockSpec((t.block_m, ks), lambda i, j, s: (i, s)), *w_specs],
         out_specs=pl.BlockSpec((1, t.block_m, t.block_n), lambda i, j, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((t.split_k, m, n), jnp.float32 if t.split_k > 1 else x.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
         interpret=interpret,
-        name="decode_matmul",
-    )(x, w)
+        name="decode_matmul_silu_mul" if gated else "decode_matmul",
+    )(x, *([w, w] if gated else [w]))
 
 
 def matmul_reference(x, w):
     """x @ w by XLA, in x's dtype (the caller's matmul precision applies)."""
     return jnp.dot(x, w)
+
+
+def matmul_silu_mul_reference(x, w):
+    """The model's MLP activation op by op: gate, up = split(x @ w) in x's dtype; silu(gate) * up."""
+    gate, up = jnp.split(jnp.dot(x, w), 2, axis=-1)
+    return jax.nn.silu(gate) * up
 
 
 def _check(x, w, tiling):
@@ -141,6 +162,26 @@ def matmul_partials(x, w, *, tiling: Tiling | None = None, interpret=False):
     _check(x, w, tiling)
     tiling = _kernel_tiling(x, w, tiling, MAX_SPLIT_K, interpret)
     return matmul_reference(x, w)[None] if tiling is None else _matmul_pallas(x, w, tiling=tiling, interpret=interpret)
+
+
+def matmul_silu_mul(x, w, *, tiling: Tiling | None = None, interpret=False):
+    """Public entry: the MLP's gated activation of x [M, K] @ w [K, 2I] ([gate | up] columns): silu(x @ gate) *
+    (x @ up) -> [M, I] in x's dtype. One program computes a tile of block_n gate and block_n up columns, so
+    the default tiling is `default_tiling`'s for [M, K] @ [K, 2I] with half its block_n (the same weight
+    bytes per program); no K split. Arguments as in `matmul`; the reference is `matmul_silu_mul_reference`.
+    """
+    _check(x, w, tiling)
+    (m, k), n = x.shape, w.shape[1]
+    if n % 2:
+        raise ValueError(f"w must hold [gate | up] columns (an even count), got {w.shape}")
+    if tiling is not None and (tiling.split_k != 1 or not tiling.fits(m, k, n // 2)):
+        raise ValueError(f"{tiling} does not tile the gated product: split_k 1 and block_n dividing {n // 2}")
+    if tiling is None and (t := _kernel_tiling(x, w, None, 1, interpret)) is not None:
+        tiling = Tiling(t.block_m, t.block_n // 2, t.block_k, 1, t.num_warps, t.num_stages)
+        tiling = tiling if tiling.fits(m, k, n // 2) else None
+    if tiling is None:
+        return matmul_silu_mul_reference(x, w)
+    return _matmul_pallas(x, w, tiling=tiling, gated=True, interpret=interpret)[0]
 
 
 def sum_partials(partials, dtype):

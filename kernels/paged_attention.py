@@ -27,10 +27,6 @@ block's value scales divided by their max, so the probabilities times the scales
 not fall into float16's subnormals. BENCHMARKS.md has their speed, and why fp8 decode attention is not
 yet faster than bf16 (bound by its in-register work, not by memory).
 
-`dots="fma"` (not the default) computes both products as float32 multiplies and sums on the CUDA cores,
-for each of the G real query rows (no padding to 16). fp8 bytes are then decoded to float32 and scaled as
-above (no float16 normalization), and fp32 caches keep full float32 precision (no TF32).
-
 Addressing: the lowering computes element offsets in 32 bits (unsigned) for caches under 4 GiB and in
 64 bits above, so a large per-layer cache does not wrap (tested on the GPU with a 4.4 GB cache).
 """
@@ -52,7 +48,6 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 FP8_DECODE = "f16"  # how the kernels turn e4m3 bytes into numbers: "native", "int" or "f16" (`decode_e4m3`)
 F32_TINY = float(np.finfo(np.float32).tiny)
 FP8_UNIT = {"native": 1.0, "int": 256.0, "f16": 1.0}  # decode_e4m3 returns value / FP8_UNIT
-DOTS = ("mma", "fma")  # the decode kernel's products: tensor-core dots, or float32 multiply + sum (`dots`)
 
 
 def decode_e4m3(x, dtype, how):
@@ -84,15 +79,14 @@ def _decode_kernel(
     k_cache_ref,  # [S, K, P, H], whole
     v_cache_ref,  # [S, K, P, H], whole (uint8 e4m3 bytes with fp8)
     *refs,  # fp8 only: k_scale, v_scale [S, K, P] whole; then the output: o [B, N, H] whole (one split),
-    # or with splits this (sequence, kv head, split)'s acc [R, H] (R: G padded to 16 with "mma", G with
-    # "fma"), m [R], l [R] (running max and sum, base 2)
+    # or with splits this (sequence, kv head, split)'s acc [R, H] (R = G padded to 16), m [R], l [R]
+    # (running max and sum, base 2)
     group: int,
     rows: int,
     block_k: int,
     num_splits: int,
     scale_log2: float,
     fp8: str | None,
-    dots: str,
 ):
     if fp8:
         ks_ref, vs_ref, *refs = refs
@@ -123,10 +117,6 @@ def _decode_kernel(
             ks = plgpu.load(ks_ref.at[page, head, pl.ds(offset, block_k)], mask=valid, other=0.0)
             vs = plgpu.load(vs_ref.at[page, head, pl.ds(offset, block_k)], mask=valid, other=0.0)
         return valid, k, v, ks, vs
-
-    if dots == "fma":
-        _decode_fma(q_ref, o_ref, stat_refs, load_block, *block_range(), b, head, group, num_splits, scale_log2, fp8)
-        return
 
     # Padded rows repeat the group's last head: addresses stay in range; the masked store (or the merge of
     # the splits) drops their rows.
@@ -180,44 +170,6 @@ def _decode_kernel(
         l_ref[...] = l
 
 
-def _decode_fma(q_ref, o_ref, stat_refs, load_block, first, last, b, head, group, num_splits, scale_log2, fp8):
-    """`dots="fma"`: each of the G real rows (a static loop) takes its scores and its probabilities x values
-    as float32 multiplies and sums over a [Bk, H] tile on the CUDA cores; no row is padded."""
-    unit = FP8_UNIT[fp8] if fp8 else 1.0  # decode_e4m3 gives value / unit: q takes the key's, acc the value's
-    qs = [q_ref[b, head * group + r, :].astype(jnp.float32) * (scale_log2 * unit) for r in range(group)]  # [H]
-
-    def body(i, carry):
-        valid, k, v, ks, vs = load_block(i)
-        k = decode_e4m3(k, jnp.float32, fp8) if fp8 else k.astype(jnp.float32)  # [Bk, H]
-        stats = []
-        for q, (_, m, l) in zip(qs, carry):  # all rows' scores first: k dies before v is decoded
-            s = jnp.sum(q[None, :] * k, axis=1)  # [Bk]
-            s = jnp.where(valid, s * ks if fp8 else s, MASK_VALUE)
-            m_next = jnp.maximum(m, s.max())
-            alpha = jnp.exp2(m - m_next)
-            p = jnp.exp2(s - m_next)
-            stats.append((p * vs if fp8 else p, alpha, m_next, l * alpha + p.sum()))
-        v = decode_e4m3(v, jnp.float32, fp8) if fp8 else v.astype(jnp.float32)
-        return tuple(
-            (acc * alpha + jnp.sum(pv[:, None] * v, axis=0), m_next, l)  # value row j is bytes_j * vs_j
-            for (acc, _, _), (pv, alpha, m_next, l) in zip(carry, stats)
-        )
-
-    head_dim = qs[0].shape[0]
-    init = (jnp.zeros((head_dim,), jnp.float32), jnp.float32(MASK_VALUE), jnp.float32(0.0))  # acc, m, l
-    # Every block in [first, last) holds at least one valid key, so m is a real logit after the first.
-    carry = lax.fori_loop(first, last, body, (init,) * group)
-    for r, (acc, m, l) in enumerate(carry):
-        acc = acc * unit if unit != 1.0 else acc
-        if num_splits == 1:  # row head*G + r of the sequence: G plain row stores, no padded row
-            o_ref[b, head * group + r, :] = jnp.where(l > 0, acc / l, 0.0).astype(o_ref.dtype)
-        else:
-            m_ref, l_ref = stat_refs
-            o_ref[r, :] = acc
-            m_ref[r] = m
-            l_ref[r] = l
-
-
 def _default_splits(batch, num_kv_heads, max_blocks):
     """Splits so that batch x kv heads x splits covers the SMs about twice (a power of two; measured)."""
     num_sms = getattr(jax.devices()[0], "core_count", None) or 132  # interpret mode on CPU: an H100's
@@ -226,8 +178,7 @@ def _default_splits(batch, num_kv_heads, max_blocks):
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("scale", "block_k", "num_splits", "num_warps", "num_stages", "interpret", "fp8", "dots"),
+    jax.jit, static_argnames=("scale", "block_k", "num_splits", "num_warps", "num_stages", "interpret", "fp8")
 )
 def _decode_pallas(
     q,
@@ -239,7 +190,6 @@ def _decode_pallas(
     v_scale,
     *,
     fp8,
-    dots,
     scale,
     block_k,
     num_splits,
@@ -250,7 +200,7 @@ def _decode_pallas(
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, _, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    rows = max(MIN_ROWS, pl.next_power_of_2(group)) if dots == "mma" else group  # "fma": real rows only
+    rows = max(MIN_ROWS, pl.next_power_of_2(group))
     split_mode = num_splits > 1
     kernel = functools.partial(
         _decode_kernel,
@@ -260,7 +210,6 @@ def _decode_pallas(
         num_splits=num_splits,
         scale_log2=scale * math.log2(math.e),
         fp8=fp8,
-        dots=dots,
     )
     grid = (batch, num_kv_heads, num_splits)
     if split_mode:
@@ -276,7 +225,7 @@ def _decode_pallas(
         ]
     else:
         out_shape = [jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)]
-        out_specs = [pl.no_block_spec]  # o [B, N, H]: each program stores its G rows (masked, or row by row)
+        out_specs = [pl.no_block_spec]  # o [B, N, H]: each program stores its G rows (masked store)
     outs = pl.pallas_call(
         kernel,
         grid=grid,
@@ -359,12 +308,9 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale):
         )
 
 
-def _block_k(block_size, head_dim, dtype, group, block_k, dots):
-    """The key block: a power of two dividing the page size (fp32 tiles smaller: shared memory). "fma" holds
-    a float32 [Bk, H] tile and G rows of q and acc in registers: 64 keys up to G = 2, 32 up to 4, then 16."""
-    if block_k is None and dots == "fma":
-        block_k = max(MIN_ROWS, min(64, 128 // pl.next_power_of_2(group)))
-    elif block_k is None:
+def _block_k(block_size, head_dim, dtype, block_k):
+    """The key block: a power of two dividing the page size (fp32 tiles smaller: shared memory)."""
+    if block_k is None:
         block_k = 256 if dtype == jnp.bfloat16 and head_dim <= 128 else 64
     block_k = min(block_k, block_size & -block_size)  # largest power of two dividing the page size
     check_triton_shapes(head_dim, block_size, block_k)
@@ -394,7 +340,6 @@ def paged_decode_attention(
     num_warps=4,
     num_stages=None,
     fp8_decode=None,
-    dots="mma",
 ):
     """Public entry; same contract as `paged_decode_attention_reference`.
 
@@ -402,21 +347,17 @@ def paged_decode_attention(
     `block_k` (keys per step), `num_splits` (context splits; default from batch x kv heads), `num_warps`
     and `num_stages` tune the kernel; the defaults are within 3% of the best measured on the H100.
     `fp8_decode` ("native", "int" or "f16"; default FP8_DECODE) picks how an fp8 cache is decoded and the
-    dots' dtype (module docstring). `dots` ("mma", the default, or "fma") picks tensor-core dots over the G
-    query rows padded to 16, or float32 multiplies and sums over the G real rows (module docstring).
+    dots' dtype (module docstring).
     """
     _check(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale)
     if fp8_decode is not None and fp8_decode not in FP8_UNIT:
         raise ValueError(f"fp8_decode must be one of {tuple(FP8_UNIT)}, got {fp8_decode!r}")
-    if dots not in DOTS:
-        raise ValueError(f"dots must be one of {DOTS}, got {dots!r}")
     if jax.default_backend() == "cpu" and not interpret:
         return _decode_jnp(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale, scale=scale)
     _, num_kv_heads, block_size, head_dim = k_cache.shape
     fp8 = None if k_scale is None else (fp8_decode or FP8_DECODE)
     tuned = block_k is None and num_stages is None
-    group = q.shape[1] // num_kv_heads
-    block_k = _block_k(block_size, head_dim, q.dtype, group, block_k, dots)  # fp8 "mma": decoded to q's dtype
+    block_k = _block_k(block_size, head_dim, q.dtype, block_k)  # fp8: the tile is decoded to q's dtype
     max_blocks = block_tables.shape[1] * block_size // block_k
     if num_splits is None:
         num_splits = _default_splits(q.shape[0], num_kv_heads, max_blocks)
@@ -435,7 +376,6 @@ def paged_decode_attention(
         k_scale,
         v_scale,
         fp8=fp8,
-        dots=dots,
         scale=scale,
         block_k=block_k,
         num_splits=num_splits,

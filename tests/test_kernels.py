@@ -149,38 +149,24 @@ def _decode_case(context_lens, q_heads, kv_heads, head_dim, block_size, dtype, w
             np.testing.assert_array_equal(np.asarray(out[b], np.float32), 0.0)
 
 
-@pytest.mark.parametrize("dots", ["mma", "fma"])
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_decode_gqa_dtypes(group, dtype, dots):
+def test_decode_gqa_dtypes(group, dtype):
     # Page 32, blocks of 16 keys: lengths 1, P-1, P, P+1, long, and a padded row. Each program stores its
-    # G rows of the [B, N, H] output; with "mma" its 16 - G padded rows fall on the next head's rows (G = 3:
-    # unaligned); "fma" stores its G real rows one by one (no padding).
-    _decode_case([1, 31, 32, 33, 100, 0], 2 * group, 2, 64, 32, dtype, width=4, block_k=16, num_splits=1, dots=dots)
+    # G rows of the [B, N, H] output; its 16 - G padded rows fall on the next head's rows (G = 3: unaligned).
+    _decode_case([1, 31, 32, 33, 100, 0], 2 * group, 2, 64, 32, dtype, width=4, block_k=16, num_splits=1)
 
 
-@pytest.mark.parametrize(
-    "num_splits,dots,group,dtype",
-    [
-        (2, "mma", 2, jnp.bfloat16),
-        (8, "mma", 2, jnp.bfloat16),
-        (2, "fma", 1, jnp.float32),
-        (8, "fma", 3, jnp.bfloat16),
-        (2, "fma", 4, jnp.float32),
-        (8, "fma", 8, jnp.bfloat16),
-    ],
-)
-def test_decode_splits(num_splits, dots, group, dtype):
+@pytest.mark.parametrize("num_splits", [2, 8])
+def test_decode_splits(num_splits):
     # Splits cut the real context; some splits get no block (short rows), a padded row gets none at all.
-    # "fma" writes G (not 16) rows of partial results per split, G = 3 included (G = 2: the next test).
-    _decode_case([1, 33, 127, 0], 2 * group, 2, 128, 32, dtype, width=4, block_k=16, num_splits=num_splits, dots=dots)
+    _decode_case([1, 33, 127, 0], 4, 2, 128, 32, jnp.bfloat16, width=4, block_k=16, num_splits=num_splits)
 
 
-@pytest.mark.parametrize("dots", ["mma", "fma"])
-def test_decode_page_256_default_tuning(dots):
+def test_decode_page_256_default_tuning():
     # The contract's page size with the entry's own block size and split choice (8 splits here); lengths 1,
     # P-1, P, P+1.
-    _decode_case([1, 255, 256, 257], 4, 2, 64, 256, jnp.float32, width=2, dots=dots)
+    _decode_case([1, 255, 256, 257], 4, 2, 64, 256, jnp.float32, width=2)
 
 
 def test_decode_input_checks():
@@ -197,8 +183,6 @@ def test_decode_input_checks():
         paged_decode_attention(q, cache, cache, tables.astype(jnp.float32), lens)
     with pytest.raises(ValueError, match="batch mismatch"):
         paged_decode_attention(q, cache, cache, tables[:1], lens)
-    with pytest.raises(ValueError, match="dots"):
-        paged_decode_attention(q, cache, cache, tables, lens, dots="wmma")
     with pytest.raises(ValueError, match="page size"):
         bad = jnp.zeros((4, 2, 8, 64), jnp.bfloat16)
         paged_decode_attention(q, bad, bad, tables, lens, interpret=True)
@@ -276,20 +260,18 @@ def test_prefill_input_checks():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dots", ["mma", "fma"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_gpu_decode_qwen_heads(dtype, head_dim, dots):
+def test_gpu_decode_qwen_heads(dtype, head_dim):
     lens = [1, 255, 256, 257, 4096, 1000, 0, 3000] * 4
-    _decode_case(lens, 16, 8, head_dim, 256, dtype, width=16, dots=dots)
-    _decode_case(lens[:2] + [4096], 16, 8, head_dim, 256, dtype, width=16, dots=dots)  # batch 3: many splits
+    _decode_case(lens, 16, 8, head_dim, 256, dtype, width=16)
+    _decode_case(lens[:2] + [4096], 16, 8, head_dim, 256, dtype, width=16)  # batch 3: many splits
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dots", ["mma", "fma"])
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
-def test_gpu_decode_gqa(group, dots):
-    _decode_case([1, 511, 512, 513, 2000, 0], 4 * group, 4, 128, 512, jnp.bfloat16, width=4, dots=dots)
+def test_gpu_decode_gqa(group):
+    _decode_case([1, 511, 512, 513, 2000, 0], 4 * group, 4, 128, 512, jnp.bfloat16, width=4)
 
 
 @pytest.mark.gpu

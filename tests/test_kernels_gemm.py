@@ -131,3 +131,47 @@ def test_gpu_decode_shapes(m, k, n):
     x, w = _inputs(m, k, n, seed=m + k + n)
     _assert_product(mm.matmul(x, w), x, w)
     _assert_product(mm.sum_partials(mm.matmul_partials(x, w), jnp.float32), x, w)
+
+
+def _silu_mul_exact(x, w):
+    gate_up = _exact(x, w)
+    gate, up = np.split(gate_up, 2, axis=-1)
+    return gate / (1 + np.exp(-gate)) * up
+
+
+@pytest.mark.parametrize("m,k,inter", [(16, 256, 64), (64, 384, 128), (128, 256, 192)])
+def test_matmul_silu_mul(m, k, inter):
+    """silu(x @ gate) * (x @ up) from one kernel: [gate | up] columns, half the columns out."""
+    x, w = _inputs(m, k, 2 * inter)
+    out = mm.matmul_silu_mul(x, w, interpret=INTERPRET)
+    assert out.shape == (m, inter) and out.dtype == x.dtype
+    want = _silu_mul_exact(x, w)
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=2**-7, atol=2**-7 * np.abs(want).max())
+    ref = mm.matmul_silu_mul_reference(x, w)  # the model's op-by-op math: within bf16 rounding of the kernel
+    np.testing.assert_allclose(np.asarray(ref, np.float64), want, rtol=2**-6, atol=2**-6 * np.abs(want).max())
+
+
+def test_matmul_silu_mul_fallback_and_checks():
+    x, w = _inputs(5, 256, 128)  # 5 rows: the reference
+    np.testing.assert_array_equal(
+        np.asarray(mm.matmul_silu_mul(x, w, interpret=INTERPRET)), np.asarray(mm.matmul_silu_mul_reference(x, w))
+    )
+    x, w = _inputs(16, 256, 128)
+    with pytest.raises(ValueError, match="even"):
+        mm.matmul_silu_mul(x, w[:, :127])
+    with pytest.raises(ValueError, match="gated product"):
+        mm.matmul_silu_mul(x, w, tiling=mm.Tiling(block_m=16, block_n=64, block_k=128, split_k=2))
+    out = mm.matmul_silu_mul(
+        x, w, tiling=mm.Tiling(block_m=16, block_n=32, block_k=128, split_k=1), interpret=INTERPRET
+    )
+    np.testing.assert_allclose(np.asarray(out, np.float64), _silu_mul_exact(x, w), rtol=2**-7, atol=2**-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,inter", [(1024, 3072), (4096, 12288)])
+@pytest.mark.parametrize("m", [16, 64, 256, 512])
+def test_gpu_matmul_silu_mul(m, k, inter):
+    x, w = _inputs(m, k, 2 * inter, seed=m + k)
+    want = _silu_mul_exact(x, w)
+    out = mm.matmul_silu_mul(x, w)
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=2**-7, atol=2**-7 * np.abs(want).max())

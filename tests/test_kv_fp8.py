@@ -35,7 +35,6 @@ INTERPRET = not ON_GPU
 TOL = {jnp.float32: 4e-3, jnp.bfloat16: 2e-2}
 NAN_BYTE = 0x7F  # float8_e4m3fn NaN
 FP8_DECODES = ["int", "native", "f16"]  # the kernels' `fp8_decode` modes
-DOTS = ["mma", "fma"]  # the decode kernel's `dots`: tensor-core dots, or float32 multiply + sum
 
 
 def _fp8_cache(rng, num_pages, kv_heads, block_size, head_dim, tables, context_lens, v_rows=(0.1, 10)):
@@ -227,28 +226,25 @@ def test_decode_fp8_reference_is_dequantized_attention():
     np.testing.assert_allclose(np.asarray(ref), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dots,group", [("mma", 1), ("mma", 2), ("mma", 8), ("fma", 2), ("fma", 8)])
+@pytest.mark.parametrize("group", [1, 2, 8])
 @pytest.mark.parametrize("how", FP8_DECODES)
-def test_decode_fp8(group, how, dots):
+def test_decode_fp8(group, how):
     # Page 32, blocks of 16 keys: lengths 1, P-1, P, P+1, long, and a padded row.
-    lens = [1, 31, 32, 33, 100, 0]
-    _decode_case(lens, 2 * group, 2, 64, 32, jnp.bfloat16, width=4, block_k=16, num_splits=1, fp8_decode=how, dots=dots)
-
-
-@pytest.mark.parametrize("dots,group", [("mma", 2), ("fma", 3)])
-@pytest.mark.parametrize("how", FP8_DECODES)
-def test_decode_fp8_splits_float32_q(how, dots, group):
     _decode_case(
-        [1, 33, 127, 0], 2 * group, 2, 64, 32, jnp.float32, width=4, block_k=16, num_splits=4, fp8_decode=how, dots=dots
+        [1, 31, 32, 33, 100, 0], 2 * group, 2, 64, 32, jnp.bfloat16, width=4, block_k=16, num_splits=1, fp8_decode=how
     )
 
 
-@pytest.mark.parametrize("num_splits,dots", [(1, "mma"), (4, "mma"), (4, "fma")])
 @pytest.mark.parametrize("how", FP8_DECODES)
-def test_decode_fp8_tiny_value_scales(how, num_splits, dots):
+def test_decode_fp8_splits_float32_q(how):
+    _decode_case([1, 33, 127, 0], 4, 2, 64, 32, jnp.float32, width=4, block_k=16, num_splits=4, fp8_decode=how)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("how", FP8_DECODES)
+def test_decode_fp8_tiny_value_scales(how, num_splits):
     """Value scales of about 5e-10..6e-8 (rows of 1e-7..1e-5) and one all-zero key block: p * scale lies
-    in float16's subnormals or under them, so "f16" passes only with its per-block normalization ("fma"
-    runs in float32: no normalization needed)."""
+    in float16's subnormals or under them, so "f16" passes only with its per-block normalization."""
     _decode_case(
         [33, 1, 31, 100, 0],
         8,
@@ -262,7 +258,6 @@ def test_decode_fp8_tiny_value_scales(how, num_splits, dots):
         block_k=16,
         num_splits=num_splits,
         fp8_decode=how,
-        dots=dots,
     )
 
 
@@ -350,14 +345,13 @@ def test_layer_paged_attention_fp8_tuple():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dots", DOTS)
 @pytest.mark.parametrize("how", FP8_DECODES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_gpu_decode_fp8_qwen_heads(how, dtype, dots):
+def test_gpu_decode_fp8_qwen_heads(how, dtype):
     lens = [1, 255, 256, 257, 4096, 1000, 0, 3000] * 4
-    _decode_case(lens, 16, 8, 128, 256, dtype, width=16, fp8_decode=how, dots=dots)
-    _decode_case(lens[:2] + [4096], 16, 8, 128, 256, dtype, width=16, fp8_decode=how, dots=dots)  # many splits
-    tiny = dict(v_rows=(1e-7, 1e-5), zero_v=64, fp8_decode=how, dots=dots)  # value scales in float16's subnormals
+    _decode_case(lens, 16, 8, 128, 256, dtype, width=16, fp8_decode=how)
+    _decode_case(lens[:2] + [4096], 16, 8, 128, 256, dtype, width=16, fp8_decode=how)  # many splits
+    tiny = dict(v_rows=(1e-7, 1e-5), zero_v=64, fp8_decode=how)  # value scales in float16's subnormals
     _decode_case(lens, 16, 8, 128, 256, dtype, width=16, **tiny)
     _decode_case(lens[:2] + [4096], 16, 8, 128, 256, dtype, width=16, **tiny)
 

@@ -1,7 +1,8 @@
 """The Qwen3 causal LM as a Flax NNX module (Qwen2-style checkpoints too: qkv bias, no q/k norm).
 
-The projections run `kernels.matmul` (decode-sized GEMMs; XLA's dot elsewhere). The row-parallel ones
-(o and down) return split-K partial sums, which the residual norm after them adds (`_row_parallel`).
+The projections run the decode GEMMs of `kernels.gemm` (XLA's dot where they do not apply): the MLP's
+gate/up with its activation in one kernel; the row-parallel ones (o and down) return split-K partial sums,
+which the residual norm after them adds (`_row_parallel`).
 
 Written for tensor parallelism from the start: the module is built with the *per-shard* sizes of
 `ModelArgs.for_shard`, and `tp_axis` names the mesh axis to all-reduce over (None on one device).
@@ -173,9 +174,8 @@ class Qwen3MLP(nnx.Module):
         self.tp_axis = tp_axis
 
     def __call__(self, x):
-        gate_up = kernels.sum_partials(kernels.matmul_partials(x, self.gate_up[...]), x.dtype)  # [T, 2I]
-        gate, up = jnp.split(gate_up, 2, axis=-1)
-        return _row_parallel(jax.nn.silu(gate) * up, self.down[...], self.tp_axis)
+        h = kernels.matmul_silu_mul(x, self.gate_up[...])  # [T, I] silu(gate) * up
+        return _row_parallel(h, self.down[...], self.tp_axis)
 
 
 class Qwen3DecoderLayer(nnx.Module):
