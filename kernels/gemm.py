@@ -1,7 +1,7 @@
 """Decode GEMMs: x [M, K] @ w [K, N] for 16-512 rows, where the time is reading the weights.
 
 A decode step multiplies a few activation rows by each weight matrix once, so each GEMM should stream its
-weights at the device's bandwidth; XLA's GEMMs reach a quarter of it at these shapes. The kernel tiles
+weights at the device's bandwidth; XLA's GEMMs stay far below it at these shapes (BENCHMARKS.md). The kernel tiles
 the output over (row tiles, column tiles) and K over `split_k` programs, enough programs to fill the GPU:
 - `matmul` (one K split) returns the product in x's dtype;
 - `matmul_partials` may split K and returns the partial sums [S, M, N] (float32 when S > 1; S = 1: x's
@@ -17,7 +17,7 @@ must keep the caller's matmul precision) and the CPU run the jnp reference, XLA'
 """
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +25,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ._checks import MIN_ROWS
+
 DTYPES = (jnp.bfloat16, jnp.float16)
-ROW_MULTIPLE = 16  # the smallest dot operand dimension of the Triton lowering
+ROW_MULTIPLE = MIN_ROWS  # rows come in whole smallest dots
 MAX_ROWS = 512  # above this a GEMM is a prefill's, where XLA's GEMMs are the better tool
-MIN_PROGRAMS = 96  # split K until the grid has this many programs (H200: 132 SMs)
+MIN_PROGRAMS = 96  # split K until the grid has this many programs (chosen on the H200's 132 SMs: BENCHMARKS.md)
 MAX_SPLIT_K = 8
 
 
 @dataclass(frozen=True)
 class Tiling:
+    """The kernel's static tiles: rows, output columns and K per step of a program, K splits, and
+    Triton's warps and pipeline stages."""
+
     block_m: int
     block_n: int
     block_k: int
@@ -54,7 +59,7 @@ def default_tiling(m: int, k: int, n: int, max_split_k: int = 1) -> Tiling:
     block_m = next((b for b in (64, 32, 16) if m % b == 0), ROW_MULTIPLE)
     tiling = Tiling(block_m=block_m, block_n=128 if m >= 256 else 64, block_k=128, split_k=1)
     while tiling.programs(m, n) < MIN_PROGRAMS and tiling.split_k < max_split_k:
-        wider = Tiling(tiling.block_m, tiling.block_n, tiling.block_k, 2 * tiling.split_k)
+        wider = replace(tiling, split_k=2 * tiling.split_k)
         if not wider.fits(m, k, n):
             break
         tiling = wider
@@ -177,7 +182,7 @@ def matmul_silu_mul(x, w, *, tiling: Tiling | None = None, interpret=False):
     if tiling is not None and (tiling.split_k != 1 or not tiling.fits(m, k, n // 2)):
         raise ValueError(f"{tiling} does not tile the gated product: split_k 1 and block_n dividing {n // 2}")
     if tiling is None and (t := _kernel_tiling(x, w, None, 1, interpret)) is not None:
-        tiling = Tiling(t.block_m, t.block_n // 2, t.block_k, 1, t.num_warps, t.num_stages)
+        tiling = replace(t, block_n=t.block_n // 2)
         tiling = tiling if tiling.fits(m, k, n // 2) else None
     if tiling is None:
         return matmul_silu_mul_reference(x, w)
