@@ -5,9 +5,10 @@ twice per layer, and a small decode step is bound by kernel launches. `add_rms_n
 returns (RMSNorm(x + residual), x + residual) from one kernel; `rms_norm` is the same kernel without the
 residual (one kernel, a static flag). `x` may also be split-K partial sums [S, ..., D] of the sublayer's
 output (`gemm.matmul_partials`): the kernel adds them in float32 and rounds to the model dtype before the
-residual add, so the GEMM needs no reduction kernel of its own. The math is the model's: the sum in the model dtype, the
-mean of squares in float32, `rsqrt(mean + eps)`, the normed row cast to the model dtype, then times the
-weight (in the model dtype); the jnp references are exactly the model's old code, what the CPU runs.
+residual add, so the GEMM needs no reduction kernel of its own. The math is the model's: the sum in the
+model dtype, the mean of squares in float32, `rsqrt(mean + eps)`, the normed row cast to the model dtype,
+then times the weight (in the model dtype); the jnp references are exactly the model's old code, what the
+CPU runs.
 
 Backends (`backend=`): "triton" (the default) is the Triton lowering of Pallas, one program per row (a
 decode step has 1-1024 rows of 1-5k values: a row is a few KB, and each row's reduction stays inside its

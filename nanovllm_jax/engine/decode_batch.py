@@ -28,7 +28,7 @@ from nanovllm_jax.engine.step_inputs import WindowShape
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class DecodeState:
-    """The device-resident rows (R = max_num_seqs rows, W block-table width)."""
+    """The device-resident rows (R = the largest decode bucket's rows, W block-table width)."""
 
     tokens: jax.Array  # [R] int32 last token of the row: the next step's input
     positions: jax.Array  # [R] int32 its position
