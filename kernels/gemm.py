@@ -131,12 +131,13 @@ def _check(x, w, tiling):
 
 
 def _kernel_tiling(x, w, tiling, max_split_k, interpret):
-    """The tiling to run the kernel with, or None where the reference runs."""
+    """The tiling to run the kernel with (the caller's, else the default), or None where the reference runs:
+    on the CPU (unless `interpret`), for float32, and for shapes the default tiling does not take."""
     (m, k), n = x.shape, w.shape[1]
-    if tiling is not None:
-        return tiling
     if not (interpret or jax.default_backend() != "cpu") or x.dtype not in DTYPES:
         return None
+    if tiling is not None:
+        return tiling
     if m % ROW_MULTIPLE or m > MAX_ROWS:
         return None
     tiling = default_tiling(m, k, n, max_split_k)
@@ -181,9 +182,12 @@ def matmul_silu_mul(x, w, *, tiling: Tiling | None = None, interpret=False):
         raise ValueError(f"w must hold [gate | up] columns (an even count), got {w.shape}")
     if tiling is not None and (tiling.split_k != 1 or not tiling.fits(m, k, n // 2)):
         raise ValueError(f"{tiling} does not tile the gated product: split_k 1 and block_n dividing {n // 2}")
-    if tiling is None and (t := _kernel_tiling(x, w, None, 1, interpret)) is not None:
-        tiling = replace(t, block_n=t.block_n // 2)
-        tiling = tiling if tiling.fits(m, k, n // 2) else None
+    if tiling is None:  # the default for [M, K] @ [K, 2I], half its columns
+        full = _kernel_tiling(x, w, None, 1, interpret)
+        tiling = None if full is None else replace(full, block_n=full.block_n // 2)
+        tiling = tiling if tiling is not None and tiling.fits(m, k, n // 2) else None
+    else:
+        tiling = _kernel_tiling(x, w, tiling, 1, interpret)
     if tiling is None:
         return matmul_silu_mul_reference(x, w)
     return _matmul_pallas(x, w, tiling=tiling, gated=True, interpret=interpret)[0]

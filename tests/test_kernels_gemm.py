@@ -100,6 +100,17 @@ def test_other_shapes_run_the_reference(m, k, n, dtype):
     np.testing.assert_array_equal(np.asarray(parts[0]), np.asarray(jnp.dot(x, w)))
 
 
+@pytest.mark.skipif(ON_GPU, reason="the CPU's fallback")
+def test_cpu_runs_the_reference_even_with_a_tiling():
+    x, w = _inputs(16, 256, 128)
+    tiling = mm.Tiling(block_m=16, block_n=64, block_k=128, split_k=1)
+    np.testing.assert_array_equal(np.asarray(mm.matmul(x, w, tiling=tiling)), np.asarray(jnp.dot(x, w)))
+    np.testing.assert_array_equal(np.asarray(mm.matmul_partials(x, w, tiling=tiling)[0]), np.asarray(jnp.dot(x, w)))
+    np.testing.assert_array_equal(
+        np.asarray(mm.matmul_silu_mul(x, w, tiling=tiling)), np.asarray(mm.matmul_silu_mul_reference(x, w))
+    )
+
+
 def test_input_checks():
     x, w = _inputs(16, 256, 128)
     with pytest.raises(ValueError, match=r"\[M, K\]"):
