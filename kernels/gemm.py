@@ -29,7 +29,7 @@ from ._checks import MIN_ROWS
 
 DTYPES = (jnp.bfloat16, jnp.float16)
 ROW_MULTIPLE = MIN_ROWS  # rows come in whole smallest dots
-MAX_ROWS = 512  # above this a GEMM is a prefill's, where XLA's GEMMs are the better tool
+MAX_ROWS = 512  # above this a GEMM is a prefill's: the tilings were chosen and measured for decode sizes only
 MIN_PROGRAMS = 96  # split K until the grid has this many programs (chosen on the H200's 132 SMs: BENCHMARKS.md)
 MAX_SPLIT_K = 8
 
