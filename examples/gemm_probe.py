@@ -131,7 +131,18 @@ def main():
             if name == "gate_up" and not args.xla_only:  # with the activation: XLA's dot + fusion vs one kernel
                 times = [kernel_us(jax.jit(lambda x, ws, f=f: [f(x, w) for w in ws]), x, ws) for f in SILU_MUL]
                 print(f"  gate_up+silu m={m}: xla {times[0]:.2f} us, kernel {times[1]:.2f} us", flush=True)
-                rows_out.append(("gate_up+silu", m, k, n, times[0], times[1], "auto", times[1], nbytes))
+                gated = [("auto", times[1])]
+                for t in pallas_tilings(m, k, n // 2) if args.grid else []:
+                    if t.split_k == 1:
+                        fn = jax.jit(lambda x, ws, t=t: [mm.matmul_silu_mul(x, w, tiling=t) for w in ws])
+                        try:
+                            gated.append((f"pallas {t}", kernel_us(fn, x, ws)))
+                        except Exception as e:  # noqa: BLE001 - e.g. a tiling over the shared memory
+                            print(f"  gate_up+silu m={m} {t}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                for label, us in sorted(gated, key=lambda r: r[1])[:4]:
+                    print(f"  gate_up+silu m={m}: {us:8.2f} us  {label}", flush=True)
+                best = min(gated, key=lambda r: r[1])
+                rows_out.append(("gate_up+silu", m, k, n, times[0], times[1], *best, nbytes))
     print("\n| GEMM | rows | K x N | XLA us (TB/s) | auto us (TB/s) | best other | us (TB/s) |")
     print("|---|---:|---|---:|---:|---|---:|")
     for name, m, k, n, xla_us, auto_us, best_name, best_us, nbytes in rows_out:

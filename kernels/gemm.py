@@ -66,6 +66,19 @@ def default_tiling(m: int, k: int, n: int, max_split_k: int = 1) -> Tiling:
     return tiling
 
 
+def default_silu_mul_tiling(m: int, k: int, n: int) -> Tiling:
+    """The gated kernel's tiles for x [M, K] @ w [K, N = 2I]: `default_tiling`'s for [M, K] @ [K, N] with half
+    its columns (the same weight bytes per program) below 128 rows; from 128 rows 64 gate + 64 up columns
+    three stages deep, in 128-row tiles with 8 warps where 128 divides M from 256 rows. Measured on the
+    H200 (BENCHMARKS.md)."""
+    if m < 128:
+        full = default_tiling(m, k, n)
+        return replace(full, block_n=full.block_n // 2)
+    if m >= 256 and m % 128 == 0:
+        return Tiling(block_m=128, block_n=64, block_k=128, split_k=1, num_warps=8, num_stages=3)
+    return replace(default_tiling(m, k, n), block_n=64, num_stages=3)
+
+
 def _matmul_kernel(*refs, block_k: int, gated: bool):
     # x [bm, Ks]; w [Ks, bn] (gated: gate and up tiles [K, bn] each); out [1, bm, bn]: this split's partial
     # sums, or the product (one split), or silu(gate) * up (gated).
@@ -172,9 +185,8 @@ def matmul_partials(x, w, *, tiling: Tiling | None = None, interpret=False):
 
 def matmul_silu_mul(x, w, *, tiling: Tiling | None = None, interpret=False):
     """Public entry: the MLP's gated activation of x [M, K] @ w [K, 2I] ([gate | up] columns): silu(x @ gate) *
-    (x @ up) -> [M, I] in x's dtype. One program computes a tile of block_n gate and block_n up columns, so
-    the default tiling is `default_tiling`'s for [M, K] @ [K, 2I] with half its block_n (the same weight
-    bytes per program); no K split. Arguments as in `matmul`; the reference is `matmul_silu_mul_reference`.
+    (x @ up) -> [M, I] in x's dtype. One program computes a tile of block_n gate and block_n up columns
+    (`default_silu_mul_tiling`); no K split. Arguments as in `matmul`; the reference is `matmul_silu_mul_reference`.
     """
     _check(x, w, tiling)
     (m, k), n = x.shape, w.shape[1]
@@ -182,9 +194,9 @@ def matmul_silu_mul(x, w, *, tiling: Tiling | None = None, interpret=False):
         raise ValueError(f"w must hold [gate | up] columns (an even count), got {w.shape}")
     if tiling is not None and (tiling.split_k != 1 or not tiling.fits(m, k, n // 2)):
         raise ValueError(f"{tiling} does not tile the gated product: split_k 1 and block_n dividing {n // 2}")
-    if tiling is None:  # the default for [M, K] @ [K, 2I], half its columns
-        full = _kernel_tiling(x, w, None, 1, interpret)
-        tiling = None if full is None else replace(full, block_n=full.block_n // 2)
+    if tiling is None:
+        full = _kernel_tiling(x, w, None, 1, interpret)  # None where the reference runs
+        tiling = None if full is None else default_silu_mul_tiling(m, k, n)
         tiling = tiling if tiling is not None and tiling.fits(m, k, n // 2) else None
     else:
         tiling = _kernel_tiling(x, w, tiling, 1, interpret)

@@ -6,12 +6,14 @@ the context never enters a product), and runs in interpret mode on the CPU for t
 cache near the copy bandwidth at batch >= 64 (BENCHMARKS.md, "## Kernels"), so no Mosaic GPU version
 was written.
 
-Work split (flash-decoding): the grid is (batch, kv head, split). All G = N / K query heads of one kv
-head share a program, so K/V are read once per kv head (GQA without repeats); the G rows are padded
-to 16 (the smallest dot) by repeating the last head, and a masked store writes only the G real rows
-into the [B, N, H] output. When batch x kv heads cannot fill the GPU, each context is cut into
-`num_splits` equal runs of key blocks (cut at run time from the real context length), and a small jnp
-pass merges the partial softmaxes. A row with context length 0 outputs 0.
+Work split (flash-decoding): the grid is (batch, kv head). All G = N / K query heads of one kv head
+share a program, so K/V are read once per kv head (GQA without repeats); the G rows are padded to 16
+(the smallest dot) by repeating the last head, and a masked store writes only the G real rows into the
+[B, N, H] output. When batch x kv heads cannot fill the GPU, each context is cut into equal runs of key
+blocks (cut at run time from the real context length; `num_splits` runs at most): the (live row, kv
+head, run) items are dealt to a fixed grid of programs, the run count is chosen at run time from the
+live rows (context > 0), so one live row in a 16-row batch still spreads over the GPU, and a second
+small kernel merges the partial softmaxes. A row with context length 0 outputs 0.
 fp32 caches run their dots as TF32 (relative error about 3e-4).
 
 fp8 caches (kv_layout.py: uint8 bytes of e4m3 plus a float32 scale per key/value row): each tile is
@@ -45,6 +47,7 @@ from ._checks import MIN_ROWS, check_cache_and_scales, check_int32, check_query,
 from .kv_layout import FP8_DTYPE, dequantize_fp8
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+MAX_SPLIT_ITEMS = 2048  # the most (row, kv head, split) partial softmaxes a split call has room for
 FP8_DECODE = "f16"  # how the kernels turn e4m3 bytes into numbers: "native", "int" or "f16" (`decode_e4m3`)
 F32_TINY = float(np.finfo(np.float32).tiny)
 FP8_UNIT = {"native": 1.0, "int": 256.0, "f16": 1.0}  # decode_e4m3 returns value / FP8_UNIT
@@ -72,35 +75,11 @@ def decode_e4m3(x, dtype, how):
     return lax.bitcast_convert_type(bits, jnp.float16).astype(dtype)
 
 
-def _decode_kernel(
-    tables_ref,  # [B, W] int32, whole
-    lens_ref,  # [B] int32, whole
-    q_ref,  # [B, N, H], whole (rows gathered)
-    k_cache_ref,  # [S, K, P, H], whole
-    v_cache_ref,  # [S, K, P, H], whole (uint8 e4m3 bytes with fp8)
-    *refs,  # fp8 only: k_scale, v_scale [S, K, P] whole; then the output: o [B, N, H] whole (one split),
-    # or with splits this (sequence, kv head, split)'s acc [R, H] (R = G padded to 16), m [R], l [R]
-    # (running max and sum, base 2)
-    group: int,
-    rows: int,
-    block_k: int,
-    num_splits: int,
-    scale_log2: float,
-    fp8: str | None,
-):
-    if fp8:
-        ks_ref, vs_ref, *refs = refs
-    o_ref, *stat_refs = refs
-    b, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _attend(refs, b, head, ctx, first, last, *, group, rows, block_k, scale_log2, fp8):
+    """Sequence b's query heads of kv head `head` against its key blocks [first, last) (of context ctx):
+    the unnormalized acc [R, H] and the running max m [R] and sum l [R] (base 2); R = G padded to 16."""
+    tables_ref, q_ref, k_cache_ref, v_cache_ref, ks_ref, vs_ref = refs
     block_size, head_dim = k_cache_ref.shape[2:]
-    ctx = lens_ref[b]
-
-    def block_range():
-        """This split's key blocks [first, last): the real context's blocks cut into num_splits runs."""
-        num_blocks = pl.cdiv(ctx, block_k)
-        per_split = pl.cdiv(num_blocks, num_splits)
-        first = split * per_split
-        return first, jnp.minimum(first + per_split, num_blocks)
 
     def load_block(i):
         """Key block i: its valid mask [Bk], K and V tiles [Bk, H], and with fp8 their scales [Bk] (else None)."""
@@ -118,13 +97,11 @@ def _decode_kernel(
             vs = plgpu.load(vs_ref.at[page, head, pl.ds(offset, block_k)], mask=valid, other=0.0)
         return valid, k, v, ks, vs
 
-    # Padded rows repeat the group's last head: addresses stay in range; the masked store (or the merge of
-    # the splits) drops their rows.
+    # Padded rows repeat the group's last head: addresses stay in range; the masked stores drop their rows.
     row = lax.broadcasted_iota(jnp.int32, (rows,), 0)
     q = q_ref[b, head * group + jnp.minimum(row, group - 1), :]  # [R, H]
     if fp8 == "f16":
         q = q.astype(jnp.float16)
-    first, last = block_range()
 
     def body(i, carry):
         acc, m, l = carry
@@ -156,25 +133,117 @@ def _decode_kernel(
     m = jnp.full((rows,), MASK_VALUE, jnp.float32)
     l = jnp.zeros((rows,), jnp.float32)
     # Every block in [first, last) holds at least one valid key, so m is a real logit after the first.
-    acc, m, l = lax.fori_loop(first, last, body, (acc, m, l))
-    if num_splits == 1:
-        # Rows head*G .. head*G + R - 1 of the sequence: only the first G are this kv head's (the rest
-        # are masked; their addresses may be another head's rows or past the array, never written).
-        o = jnp.where(l[:, None] > 0, acc / l[:, None], 0.0).astype(o_ref.dtype)
-        mask = jnp.broadcast_to((row < group)[:, None], (rows, head_dim))
-        plgpu.store(o_ref.at[b, pl.ds(head * group, rows), :], o, mask=mask)
+    return lax.fori_loop(first, last, body, (acc, m, l))
+
+
+def _unpack_refs(refs, fp8):
+    """A kernel's refs after its scalars -> (the inputs: tables, q, k, v, k_scale, v_scale (the scales None
+    without fp8)), [the outputs]."""
+    tables_ref, q_ref, k_ref, v_ref, *rest = refs
+    ks_ref, vs_ref, *outs = rest if fp8 else (None, None, *rest)
+    return (tables_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref), outs
+
+
+def _row_masks(rows, group, head_dim):
+    """Rows head*G .. head*G + R - 1 of the sequence: only the first G are this kv head's (the rest are
+    masked; their addresses may be another head's rows or past the array, never written)."""
+    mask = lax.broadcasted_iota(jnp.int32, (rows,), 0) < group
+    return mask, jnp.broadcast_to(mask[:, None], (rows, head_dim))
+
+
+def _decode_kernel(lens_ref, *refs, group, rows, block_k, scale_log2, fp8):
+    """Grid (batch, kv head): one program per sequence and kv head, over its whole context.
+
+    refs: tables [B, W], q [B, N, H], k and v caches [S, K, P, H] (uint8 e4m3 bytes with fp8), with fp8
+    k_scale and v_scale [S, K, P]; the output o [B, N, H]. All whole (rows gathered, pages read through
+    the block table)."""
+    inputs, (o_ref,) = _unpack_refs(refs, fp8)
+    b, head = pl.program_id(0), pl.program_id(1)
+    ctx = lens_ref[b]
+    kw = dict(group=group, rows=rows, block_k=block_k, scale_log2=scale_log2, fp8=fp8)
+    acc, m, l = _attend(inputs, b, head, ctx, 0, pl.cdiv(ctx, block_k), **kw)
+    o = jnp.where(l[:, None] > 0, acc / l[:, None], 0.0).astype(o_ref.dtype)
+    plgpu.store(o_ref.at[b, pl.ds(head * group, rows), :], o, mask=_row_masks(rows, group, o.shape[1])[1])
+
+
+def _split_kernel(lens_ref, work_ref, *refs, group, rows, block_k, scale_log2, fp8):
+    """Grid (programs,): the (live row, kv head, split) items dealt round-robin to the programs, so rows
+    without context cost nothing. work_ref [2 + B] int32: the splits in use, the live row count, then the
+    rows, live ones first. Each item stores its partial softmax: acc [B, slots, N, H] and m, l [B, slots, N]
+    (running max and sum, base 2; slots: the grid's splits rounded up to a power of two), which
+    `_merge_kernel` combines."""
+    inputs, (acc_ref, m_ref, l_ref) = _unpack_refs(refs, fp8)
+    num_kv_heads, head_dim = inputs[2].shape[1], inputs[2].shape[3]
+    used, live, pid, num_programs = work_ref[0], work_ref[1], pl.program_id(0), pl.num_programs(0)
+    kw = dict(group=group, rows=rows, block_k=block_k, scale_log2=scale_log2, fp8=fp8)
+    mask, mask_2d = _row_masks(rows, group, head_dim)
+
+    def item(j, carry):
+        index = pid + j * num_programs
+        split = lax.rem(index, used)
+        head = lax.rem(lax.div(index, used), num_kv_heads)
+        b = work_ref[2 + lax.div(index, used * num_kv_heads)]
+        ctx = lens_ref[b]
+        num_blocks = pl.cdiv(ctx, block_k)
+        per_split = pl.cdiv(num_blocks, used)  # the context's key blocks cut into `used` runs
+        first = split * per_split
+        acc, m, l = _attend(inputs, b, head, ctx, first, jnp.minimum(first + per_split, num_blocks), **kw)
+        heads = pl.ds(head * group, rows)
+        plgpu.store(acc_ref.at[b, split, heads, :], acc, mask=mask_2d)
+        plgpu.store(m_ref.at[b, split, heads], m, mask=mask)
+        plgpu.store(l_ref.at[b, split, heads], l, mask=mask)
+        return carry
+
+    lax.fori_loop(0, pl.cdiv(live * num_kv_heads * used - pid, num_programs), item, 0)
+
+
+def _merge_kernel(lens_ref, work_ref, acc_ref, m_ref, l_ref, o_ref):
+    """Grid (batch, q head): one query head's partial softmaxes over the used splits, read at once ->
+    o [B, N, H] (0 for a row without context). Reads only what the split kernel wrote."""
+    b, n = pl.program_id(0), pl.program_id(1)
+    splits, head_dim = acc_ref.shape[1], acc_ref.shape[3]
+    used = jnp.where(lens_ref[b] > 0, work_ref[0], 0)
+    valid = lax.broadcasted_iota(jnp.int32, (splits,), 0) < used
+    m = plgpu.load(m_ref.at[b, :, n], mask=valid, other=MASK_VALUE)
+    l = plgpu.load(l_ref.at[b, :, n], mask=valid, other=0.0)
+    acc = plgpu.load(acc_ref.at[b, :, n, :], mask=jnp.broadcast_to(valid[:, None], (splits, head_dim)), other=0.0)
+    w = jnp.exp2(m - m.max())  # empty splits (m = MASK_VALUE, l = 0, acc = 0) add nothing
+    denom = (w * l).sum()
+    o = (w[:, None] * acc).sum(axis=0) / jnp.where(denom > 0, denom, 1.0)
+    o_ref[b, n, :] = o.astype(o_ref.dtype)
+
+
+def _target_programs():
+    """Programs that cover the SMs about twice (measured)."""
+    return 2 * (getattr(jax.devices()[0], "core_count", None) or 132)  # interpret mode on CPU: an H100's
+
+
+def _grid_splits(batch, num_kv_heads, max_blocks):
+    """The most splits a call may use: what one live row would use, if the whole batch wants more than one
+    split, within MAX_SPLIT_ITEMS partials."""
+    want = _target_programs() // (batch * num_kv_heads)
+    if want < 2:
+        return 1
+    cap = max(MAX_SPLIT_ITEMS // (batch * num_kv_heads), 2)
+    return min(_pow2_floor(min(_target_programs() // num_kv_heads, cap)), _pow2_floor(max_blocks))
+
+
+def _pow2_floor(n):
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def _split_work(context_lens, num_kv_heads, grid_splits, fixed):
+    """[2 + B] int32 for the split kernel: the splits in use (`fixed`, else a power of two covering the SMs
+    about twice for the live rows, at most the grid's), the live row count, the rows with live ones first."""
+    live = context_lens > 0
+    num_live = jnp.sum(live, dtype=jnp.int32)
+    if fixed:
+        used = jnp.int32(grid_splits)
     else:
-        m_ref, l_ref = stat_refs
-        o_ref[...] = acc
-        m_ref[...] = m
-        l_ref[...] = l
-
-
-def _default_splits(batch, num_kv_heads, max_blocks):
-    """Splits so that batch x kv heads x splits covers the SMs about twice (a power of two; measured)."""
-    num_sms = getattr(jax.devices()[0], "core_count", None) or 132  # interpret mode on CPU: an H100's
-    want = max(1, (2 * num_sms) // (batch * num_kv_heads))
-    return max(1, min(1 << (want.bit_length() - 1), max_blocks))
+        want = jnp.maximum(_target_programs() // (jnp.maximum(num_live, 1) * num_kv_heads), 1)
+        used = jnp.minimum(jnp.left_shift(jnp.int32(1), 31 - lax.clz(want)), grid_splits)
+    rows = jnp.argsort(~live, stable=True).astype(jnp.int32)
+    return jnp.concatenate([jnp.stack([used, num_live]), rows])
 
 
 @functools.partial(
@@ -186,6 +255,7 @@ def _decode_pallas(
     v_cache,
     block_tables,
     context_lens,
+    split_work,
     k_scale,
     v_scale,
     *,
@@ -201,56 +271,49 @@ def _decode_pallas(
     _, num_kv_heads, _, _ = k_cache.shape
     group = num_heads // num_kv_heads
     rows = max(MIN_ROWS, pl.next_power_of_2(group))
-    split_mode = num_splits > 1
-    kernel = functools.partial(
-        _decode_kernel,
-        group=group,
-        rows=rows,
-        block_k=block_k,
-        num_splits=num_splits,
-        scale_log2=scale * math.log2(math.e),
-        fp8=fp8,
-    )
-    grid = (batch, num_kv_heads, num_splits)
-    if split_mode:
-        out_shape = [
-            jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows), jnp.float32),
-            jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows), jnp.float32),
-        ]
-        out_specs = [
-            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),  # acc
-            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),  # m
-            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),  # l
-        ]
-    else:
-        out_shape = [jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)]
-        out_specs = [pl.no_block_spec]  # o [B, N, H]: each program stores its G rows (masked store)
-    outs = pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=[
-            pl.no_block_spec,  # block_tables [B, W]: scalar reads of page ids
-            pl.no_block_spec,  # context_lens [B]: one scalar read
-            pl.no_block_spec,  # q [B, N, H]: the group's rows are gathered in the kernel
-            pl.no_block_spec,  # k_cache [S, K, P, H]: pages read through the block table
-            pl.no_block_spec,  # v_cache [S, K, P, H]
-        ]
-        + [pl.no_block_spec] * (2 if fp8 else 0),  # fp8: k_scale, v_scale [S, K, P], read beside the pages
-        out_specs=out_specs,
-        out_shape=out_shape,
+    kw = dict(group=group, rows=rows, block_k=block_k, scale_log2=scale * math.log2(math.e), fp8=fp8)
+    scales = (k_scale, v_scale) if fp8 else ()
+    params = dict(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="paged_decode_attention",
-    )(block_tables, context_lens, q, k_cache, v_cache, *((k_scale, v_scale) if fp8 else ()))
-    if split_mode:
-        acc, m, l = outs  # [B, K, splits, R, H], [B, K, splits, R] x 2
-        m_all = m.max(axis=2, keepdims=True)
-        w = jnp.exp2(m - m_all)  # empty splits have l == 0 and acc == 0: they add nothing
-        denom = (w * l).sum(axis=2)
-        o = (w[..., None] * acc).sum(axis=2) / jnp.where(denom > 0, denom, 1.0)[..., None]
-        return o[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
-    (o,) = outs
+    )
+    # All operands whole (pl.no_block_spec): pages are read through the block table, the group's query rows
+    # gathered, and each program stores its G rows with masked stores.
+    if num_splits == 1:
+        (o,) = pl.pallas_call(
+            functools.partial(_decode_kernel, **kw),
+            grid=(batch, num_kv_heads),
+            in_specs=[pl.no_block_spec] * (5 + len(scales)),
+            out_specs=[pl.no_block_spec],
+            out_shape=[jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)],
+            **params,
+        )(context_lens, block_tables, q, k_cache, v_cache, *scales)
+        return o
+    slots = pl.next_power_of_2(num_splits)  # the merge loads all of a row's splits as one tile
+    out_shape = [
+        jax.ShapeDtypeStruct((batch, slots, num_heads, head_dim), jnp.float32),  # acc
+        jax.ShapeDtypeStruct((batch, slots, num_heads), jnp.float32),  # m
+        jax.ShapeDtypeStruct((batch, slots, num_heads), jnp.float32),  # l
+    ]
+    acc, m, l = pl.pallas_call(
+        functools.partial(_split_kernel, **kw),
+        grid=(min(batch * num_kv_heads * num_splits, _target_programs()),),
+        in_specs=[pl.no_block_spec] * (6 + len(scales)),
+        out_specs=[pl.no_block_spec] * 3,
+        out_shape=out_shape,
+        **params,
+    )(context_lens, split_work, block_tables, q, k_cache, v_cache, *scales)
+    (o,) = pl.pallas_call(
+        _merge_kernel,
+        grid=(batch, num_heads),
+        in_specs=[pl.no_block_spec] * 5,
+        out_specs=[pl.no_block_spec],
+        out_shape=[jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="paged_decode_attention_merge",
+    )(context_lens, split_work, acc, m, l)
     return o
 
 
@@ -344,8 +407,9 @@ def paged_decode_attention(
     """Public entry; same contract as `paged_decode_attention_reference`.
 
     The CPU runs the jnp reference unless `interpret` (the kernel in interpret mode, for tests).
-    `block_k` (keys per step), `num_splits` (context splits; default from batch x kv heads), `num_warps`
-    and `num_stages` tune the kernel; the defaults are within 3% of the best measured on the H100.
+    `block_k` (keys per step), `num_splits` (context splits, all used; by default the grid's count comes
+    from batch x kv heads and the count used from the live rows at run time), `num_warps` and `num_stages`
+    tune the kernel.
     `fp8_decode` ("native", "int" or "f16"; default FP8_DECODE) picks how an fp8 cache is decoded and the
     dots' dtype (module docstring).
     """
@@ -359,12 +423,13 @@ def paged_decode_attention(
     tuned = block_k is None and num_stages is None
     block_k = _block_k(block_size, head_dim, q.dtype, block_k)  # fp8: the tile is decoded to q's dtype
     max_blocks = block_tables.shape[1] * block_size // block_k
-    if num_splits is None:
-        num_splits = _default_splits(q.shape[0], num_kv_heads, max_blocks)
-    if tuned and num_splits == 1 and block_k > 64:
-        # Enough (sequence, kv head) programs to fill the GPU: 64-key blocks three stages deep were the
-        # fastest measured at batch 256-512 (1-2% over 256-key blocks; 256 keys stay best with splits).
-        block_k, num_stages = 64, 3
+    fixed = num_splits is not None
+    num_splits = num_splits if fixed else _grid_splits(q.shape[0], num_kv_heads, max_blocks)
+    split_work = _split_work(context_lens, num_kv_heads, num_splits, fixed) if num_splits > 1 else None
+    if tuned and block_k > 64:
+        # The fastest measured (BENCHMARKS.md): one split, 64-key blocks three stages deep (batch 256-512,
+        # 1-2% over 256-key blocks); with splits, 128-key blocks two deep.
+        block_k, num_stages = (64, 3) if num_splits == 1 else (128, 2)
     num_stages = 2 if num_stages is None else num_stages
     scale = head_dim**-0.5 if scale is None else float(scale)
     return _decode_pallas(
@@ -373,6 +438,7 @@ def paged_decode_attention(
         v_cache,
         block_tables,
         context_lens,
+        split_work,
         k_scale,
         v_scale,
         fp8=fp8,

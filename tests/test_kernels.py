@@ -157,10 +157,19 @@ def test_decode_gqa_dtypes(group, dtype):
     _decode_case([1, 31, 32, 33, 100, 0], 2 * group, 2, 64, 32, dtype, width=4, block_k=16, num_splits=1)
 
 
-@pytest.mark.parametrize("num_splits", [2, 8])
+@pytest.mark.parametrize("num_splits", [2, 3, 8])
 def test_decode_splits(num_splits):
     # Splits cut the real context; some splits get no block (short rows), a padded row gets none at all.
     _decode_case([1, 33, 127, 0], 4, 2, 128, 32, jnp.bfloat16, width=4, block_k=16, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("live", [1, 9, 16])
+def test_decode_splits_from_live_rows(live):
+    # Default splits on a 16-row batch: the grid has room for 8 splits, the kernel uses 8 for 1 live row
+    # and 4 for 9 or 16 (interpret mode counts an H100's 132 SMs); the unused splits' partials are never
+    # written, and the merge must not read them.
+    lens = [1, 77, 128, 33, 100, 64, 5, 127, 16, 17, 90, 2, 111, 65, 31, 128][:live] + [0] * (16 - live)
+    _decode_case(lens, 8, 4, 32, 32, jnp.bfloat16, width=4, block_k=16)
 
 
 def test_decode_page_256_default_tuning():

@@ -150,7 +150,7 @@ def _silu_mul_exact(x, w):
     return gate / (1 + np.exp(-gate)) * up
 
 
-@pytest.mark.parametrize("m,k,inter", [(16, 256, 64), (64, 384, 128), (128, 256, 192)])
+@pytest.mark.parametrize("m,k,inter", [(16, 256, 64), (64, 384, 128), (128, 256, 192), (256, 256, 128)])
 def test_matmul_silu_mul(m, k, inter):
     """silu(x @ gate) * (x @ up) from one kernel: [gate | up] columns, half the columns out."""
     x, w = _inputs(m, k, 2 * inter)
