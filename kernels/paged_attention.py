@@ -427,8 +427,8 @@ def paged_decode_attention(
     num_splits = num_splits if fixed else _grid_splits(q.shape[0], num_kv_heads, max_blocks)
     split_work = _split_work(context_lens, num_kv_heads, num_splits, fixed) if num_splits > 1 else None
     if tuned and block_k > 64:
-        # The fastest measured (BENCHMARKS.md): one split, 64-key blocks three stages deep (batch 256-512,
-        # 1-2% over 256-key blocks); with splits, 128-key blocks two deep.
+        # The fastest measured (BENCHMARKS.md): one split, 64-key blocks three stages deep; with splits,
+        # 128-key blocks two deep.
         block_k, num_stages = (64, 3) if num_splits == 1 else (128, 2)
     num_stages = 2 if num_stages is None else num_stages
     scale = head_dim**-0.5 if scale is None else float(scale)
