@@ -2,7 +2,7 @@
 profiler trace of a few steps of the ModelRunner (GPU), against the step's floor: (every weight once +
 batch x ctx tokens of K and V) / --bandwidth. Used to find the fixed per-step cost.
 
-    python examples/profile_step.py --batch 1 64 256 --ctx 1024
+    python examples/profile_step.py --batch 1 64 256 --ctx 1024 [--kv-cache-dtype fp8]
 """
 
 import argparse
@@ -26,6 +26,7 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="windows traced")
     p.add_argument("--window", type=int, default=8, help="decode steps per window")
     p.add_argument("--sequence", type=int, default=0, help="also list the first N kernels of a step, in order")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="LLM kv_cache_dtype")
     p.add_argument("--reference-attention", action="store_true", help="jnp reference kernels instead of Pallas")
     p.add_argument("--bandwidth", type=float, default=H200_COPY_BANDWIDTH, help="B/s for the floor (H200: 4.24e12)")
     args = p.parse_args()
@@ -46,6 +47,7 @@ def main():
         num_kvcache_blocks=2048,
         enforce_eager=True,
         decode_window=args.window,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     runner = llm.model_runner
     weight_bytes, kv_per_token = decode_bytes(runner)

@@ -26,8 +26,10 @@ conversion (one instruction per two elements on Hopper, where e4m3 -> bf16 takes
 dots in float16, with q cast to
 float16 (so |q| must stay below float16's 65504: Qwen3's q-norm keeps it far below) and each key
 block's value scales divided by their max, so the probabilities times the scales stay in [0, 1] and do
-not fall into float16's subnormals. BENCHMARKS.md has their speed, and why fp8 decode attention is not
-yet faster than bf16 (bound by its in-register work, not by memory).
+not fall into float16's subnormals. V tiles are read as uint16 byte pairs and multiplied as two
+half-width tiles (the even head dims, from the low bytes, and the odd ones), whose results are interleaved
+once at the end: read as uint8, the value tile made the kernel 1.3-1.6x slower (BENCHMARKS.md, where the
+speed of each decode is too).
 
 Addressing: the lowering computes element offsets in 32 bits (unsigned) for caches under 4 GiB and in
 64 bits above, so a large per-layer cache does not wrap (tested on the GPU with a 4.4 GB cache).
@@ -90,7 +92,8 @@ def _attend(refs, b, head, ctx, first, last, *, group, rows, block_k, scale_log2
         kv_mask = jnp.broadcast_to(valid[:, None], (block_k, head_dim))
         zero = 0 if fp8 else 0.0
         k = plgpu.load(k_cache_ref.at[page, head, pl.ds(offset, block_k), :], mask=kv_mask, other=zero)
-        v = plgpu.load(v_cache_ref.at[page, head, pl.ds(offset, block_k), :], mask=kv_mask, other=zero)
+        v_mask = jnp.broadcast_to(valid[:, None], (block_k, v_cache_ref.shape[3]))  # fp8: H / 2 byte pairs
+        v = plgpu.load(v_cache_ref.at[page, head, pl.ds(offset, block_k), :], mask=v_mask, other=zero)
         ks = vs = None
         if fp8:
             ks = plgpu.load(ks_ref.at[page, head, pl.ds(offset, block_k)], mask=valid, other=0.0)
@@ -108,7 +111,10 @@ def _attend(refs, b, head, ctx, first, last, *, group, rows, block_k, scale_log2
         valid, k, v, ks, vs = load_block(i)
         if fp8:  # dequantize in registers: bytes to q's dtype here, the scales on scores and probabilities
             unit = FP8_UNIT[fp8]
-            k, v = decode_e4m3(k, q.dtype, fp8), decode_e4m3(v, q.dtype, fp8)  # q.dtype: float16 with "f16"
+            k = decode_e4m3(k, q.dtype, fp8)  # q.dtype: float16 with "f16"
+            # v holds byte pairs: the even head dims in the low bytes, the odd ones in the high bytes
+            v = (v.astype(jnp.uint8), lax.shift_right_logical(v, jnp.uint16(8)).astype(jnp.uint8))
+            v = tuple(decode_e4m3(x, q.dtype, fp8) for x in v)
             s = plgpu.dot(q, k, trans_b=True) * (ks * (unit * scale_log2))[None, :]  # [R, Bk]
         else:
             s = plgpu.dot(q, k, trans_b=True) * scale_log2  # [R, Bk]
@@ -122,18 +128,25 @@ def _attend(refs, b, head, ctx, first, last, *, group, rows, block_k, scale_log2
             # to 0, so the block's vs are divided by their max and the dot's result multiplied by it.
             # Invalid keys load vs = 0 (and have p = 0): they add 0 and never raise vmax.
             vmax = jnp.maximum(vs.max(), F32_TINY)  # > 0 even for a block of zero rows
-            pv = p * (vs * (1.0 / vmax))[None, :]  # in [0, 1]
-            acc = acc * alpha[:, None] + plgpu.dot(pv.astype(v.dtype), v) * vmax
+            pv = (p * (vs * (1.0 / vmax))[None, :]).astype(jnp.float16)  # in [0, 1]
+            acc = tuple(a * alpha[:, None] + plgpu.dot(pv, x) * vmax for a, x in zip(acc, v, strict=True))
+        elif fp8:
+            pv = (p * (vs * FP8_UNIT[fp8])[None, :]).astype(q.dtype)  # value row j is bytes_j * vs_j
+            acc = tuple(a * alpha[:, None] + plgpu.dot(pv, x) for a, x in zip(acc, v, strict=True))
         else:
-            pv = p * (vs * FP8_UNIT[fp8])[None, :] if fp8 else p  # value row j is bytes_j * vs_j
-            acc = acc * alpha[:, None] + plgpu.dot(pv.astype(v.dtype), v)
+            acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
         return acc, m_next, l
 
-    acc = jnp.zeros((rows, head_dim), jnp.float32)
+    # fp8: one accumulator for the even head dims and one for the odd, interleaved at the end
+    acc = jnp.zeros((rows, head_dim // 2 if fp8 else head_dim), jnp.float32)
+    acc = (acc, acc) if fp8 else acc
     m = jnp.full((rows,), MASK_VALUE, jnp.float32)
     l = jnp.zeros((rows,), jnp.float32)
     # Every block in [first, last) holds at least one valid key, so m is a real logit after the first.
-    return lax.fori_loop(first, last, body, (acc, m, l))
+    acc, m, l = lax.fori_loop(first, last, body, (acc, m, l))
+    if fp8:
+        acc = jnp.stack(acc, axis=-1).reshape(rows, head_dim)
+    return acc, m, l
 
 
 def _unpack_refs(refs, fp8):
@@ -154,9 +167,9 @@ def _row_masks(rows, group, head_dim):
 def _decode_kernel(lens_ref, *refs, group, rows, block_k, scale_log2, fp8):
     """Grid (batch, kv head): one program per sequence and kv head, over its whole context.
 
-    refs: tables [B, W], q [B, N, H], k and v caches [S, K, P, H] (uint8 e4m3 bytes with fp8), with fp8
-    k_scale and v_scale [S, K, P]; the output o [B, N, H]. All whole (rows gathered, pages read through
-    the block table)."""
+    refs: tables [B, W], q [B, N, H], k and v caches [S, K, P, H] (fp8: uint8 e4m3 bytes, v viewed as
+    [S, K, P, H / 2] uint16 byte pairs), with fp8 k_scale and v_scale [S, K, P]; the output o [B, N, H]. All
+    whole (rows gathered, pages read through the block table)."""
     inputs, (o_ref,) = _unpack_refs(refs, fp8)
     b, head = pl.program_id(0), pl.program_id(1)
     ctx = lens_ref[b]
@@ -273,6 +286,8 @@ def _decode_pallas(
     rows = max(MIN_ROWS, pl.next_power_of_2(group))
     kw = dict(group=group, rows=rows, block_k=block_k, scale_log2=scale * math.log2(math.e), fp8=fp8)
     scales = (k_scale, v_scale) if fp8 else ()
+    if fp8:  # V read as uint16 byte pairs: see `_attend`
+        v_cache = lax.bitcast_convert_type(v_cache.reshape(*v_cache.shape[:3], head_dim // 2, 2), jnp.uint16)
     params = dict(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
@@ -427,9 +442,9 @@ def paged_decode_attention(
     num_splits = num_splits if fixed else _grid_splits(q.shape[0], num_kv_heads, max_blocks)
     split_work = _split_work(context_lens, num_kv_heads, num_splits, fixed) if num_splits > 1 else None
     if tuned and block_k > 64:
-        # The fastest measured (BENCHMARKS.md): one split, 64-key blocks three stages deep; with splits,
-        # 128-key blocks two deep.
-        block_k, num_stages = (64, 3) if num_splits == 1 else (128, 2)
+        # The fastest measured (BENCHMARKS.md): bf16 with one split, 64-key blocks three stages deep;
+        # fp8, or with splits, 128-key blocks two deep.
+        block_k, num_stages = (64, 3) if num_splits == 1 and not fp8 else (128, 2)
     num_stages = 2 if num_stages is None else num_stages
     scale = head_dim**-0.5 if scale is None else float(scale)
     return _decode_pallas(

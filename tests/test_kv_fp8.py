@@ -357,6 +357,12 @@ def test_gpu_decode_fp8_qwen_heads(how, dtype):
 
 
 @pytest.mark.gpu
+def test_gpu_decode_fp8_large_batch():
+    """160 rows, one split each: the batch sizes where the SMs hold several programs."""
+    _decode_case([1, 255, 256, 257, 2048, 1000, 0, 1500] * 20, 16, 8, 128, 256, jnp.bfloat16, width=8)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("how", FP8_DECODES)
 @pytest.mark.parametrize("group,head_dim", [(2, 128), (4, 64), (8, 128)])
 def test_gpu_prefill_fp8(how, group, head_dim):
