@@ -9,7 +9,7 @@ the value tiles are read each of several ways, named "K:V":
      f16T, fp8T  pages stored transposed ([head_dim, page]: the value dot reads along the keys), masked
                  loads; f16Tu, fp8Tu unmasked;
      u16, u32    the bytes read as uint16 pairs / uint32 quads and multiplied as 2 / 4 narrower value tiles
-                 (the kernel's read since 2026-11-29).
+                 (u16: the engine kernel's read).
 Each variant is checked against a float32 reference on the dequantized pages, then timed by CUPTI.
 
 `--tiles`: the engine's kernel (`paged_decode_attention`, fp8 pages) at batch 32-256 with other splits and

@@ -28,8 +28,8 @@ float16 (so |q| must stay below float16's 65504: Qwen3's q-norm keeps it far bel
 block's value scales divided by their max, so the probabilities times the scales stay in [0, 1] and do
 not fall into float16's subnormals. V tiles are read as uint16 byte pairs and multiplied as two
 half-width tiles (the even head dims, from the low bytes, and the odd ones), whose results are interleaved
-once at the end: read as uint8, the value tile made the kernel 1.3-1.6x slower (BENCHMARKS.md, where the
-speed of each decode is too).
+once at the end: read as uint8, the value tile was the kernel's bottleneck (BENCHMARKS.md, which also has
+the speed of each decode).
 
 Addressing: the lowering computes element offsets in 32 bits (unsigned) for caches under 4 GiB and in
 64 bits above, so a large per-layer cache does not wrap (tested on the GPU with a 4.4 GB cache).
