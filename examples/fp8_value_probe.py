@@ -12,14 +12,14 @@ the value tiles are read each of several ways, named "K:V":
                  (u16: the engine kernel's read).
 Each variant is checked against a float32 reference on the dequantized pages, then timed by CUPTI.
 
-`--tiles`: the engine's kernel (`paged_decode_attention`, fp8 pages) at batch 32-256 with other splits and
-tiles.
+`--tiles`: the engine's kernel (`paged_decode_attention`, fp8 pages) at batch 32-256 (`--batches`) with other
+splits and tiles, or only the key blocks x stages given by `--blocks`.
 
 Qwen3-0.6B heads (16 q, 8 kv, head_dim 128), pages of 256; bytes read = K and V bytes + their scales, against
 the 4.24 TB/s copy ceiling.
 
     python examples/fp8_value_probe.py --shapes 64:1024 256:2048 [--variants f16:f16 f16:u16] [--sweep]
-    python examples/fp8_value_probe.py --tiles
+    python examples/fp8_value_probe.py --tiles [--batches 48 64 96 --blocks 64:3 128:2]
 """
 
 import argparse
@@ -253,23 +253,26 @@ def probe_variants(args):
         print(f"| {batch} | {ctx} | {name} | {us:.1f} | {tbs:.2f} | {100e12 * tbs / CEILING:.0f}% | {err:.2g} |")
 
 
-def probe_tiles():
+def probe_tiles(batches, blocks):
     from nanovllm_jax.kernels import paged_decode_attention
 
-    c = caches(256 * 1024 // PAGE + 8, views=False)
+    c = caches(max(batches) * 1024 // PAGE + 8, views=False)
     k, v, ks, vs = c["k"][""], c["v"][""], c["ks"], c["vs"]
-    settings = [
-        {},
-        dict(num_splits=2),
-        dict(num_splits=4),
-        dict(block_k=128, num_stages=2),
-        dict(block_k=64, num_stages=2),
-        dict(block_k=64, num_stages=3),
-        dict(block_k=64, num_stages=4),
-        dict(num_warps=8),
-    ]
+    if blocks:  # only these key blocks x stages
+        settings = [dict(block_k=int(b), num_stages=int(s)) for b, s in (x.split(":") for x in blocks)]
+    else:
+        settings = [
+            {},
+            dict(num_splits=2),
+            dict(num_splits=4),
+            dict(block_k=128, num_stages=2),
+            dict(block_k=64, num_stages=2),
+            dict(block_k=64, num_stages=3),
+            dict(block_k=64, num_stages=4),
+            dict(num_warps=8),
+        ]
     rows = []
-    for batch, ctx in ((32, 1024), (64, 1024), (128, 1024), (256, 1024)):
+    for batch, ctx in ((b, 1024) for b in batches):
         width = ctx // PAGE
         rng = np.random.default_rng(0)
         tables = jnp.asarray(rng.permutation(k.shape[0])[: batch * width].reshape(batch, width), jnp.int32)
@@ -292,9 +295,11 @@ def main():
     p.add_argument("--variants", nargs="+", default=VARIANTS, help="K:V read modes (module docstring)")
     p.add_argument("--sweep", action="store_true", help="also 128-key blocks 2 deep, 64 keys 2 deep, 256 keys")
     p.add_argument("--tiles", action="store_true", help="time the engine's kernel with other splits and tiles")
+    p.add_argument("--batches", nargs="+", type=int, default=[32, 64, 128, 256], help="--tiles: batches (ctx 1024)")
+    p.add_argument("--blocks", nargs="+", default=[], help="--tiles: only these key blocks:stages, e.g. 64:3 128:2")
     args = p.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
-    probe_tiles() if args.tiles else probe_variants(args)
+    probe_tiles(args.batches, args.blocks) if args.tiles else probe_variants(args)
 
 
 if __name__ == "__main__":

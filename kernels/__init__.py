@@ -25,7 +25,12 @@ from .kv_store import store_kv, store_kv_fp8, store_kv_fp8_reference, store_kv_r
 from .norms import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from .paged_attention import paged_decode_attention, paged_decode_attention_reference
 from .prefill_attention import paged_prefill_attention, paged_prefill_attention_reference
-from .qk_norm_rope_store import qk_norm_rope_store, qk_norm_rope_store_reference
+from .qk_norm_rope_store import (
+    qk_norm_rope_store,
+    qk_norm_rope_store_fp8,
+    qk_norm_rope_store_fp8_reference,
+    qk_norm_rope_store_reference,
+)
 
 __all__ = [
     "KV_CACHE_DTYPES",
@@ -42,6 +47,8 @@ __all__ = [
     "paged_prefill_attention_reference",
     "qk_norm_rope_store",
     "qk_norm_rope_store_reference",
+    "qk_norm_rope_store_fp8",
+    "qk_norm_rope_store_fp8_reference",
     "add_rms_norm",
     "add_rms_norm_reference",
     "rms_norm",

@@ -57,6 +57,22 @@ def is_fp8_cache(kv_cache) -> bool:
     raise ValueError(f"a layer's KV cache is (k, v) or (k, v, k_scale, v_scale), got {len(kv_cache)} arrays")
 
 
+def fp8_scale(amax):
+    """A row's amax(|row|) -> (its scale amax / 448, and the factor 448 / amax that quantizes it; 0 for 0).
+
+    Shared by `quantize_fp8` and the kernels that quantize in registers (qk_norm_rope_store.py), so
+    their bytes and scales agree exactly.
+    """
+    scale = amax / FP8_MAX
+    inv = jnp.where(amax > 0, FP8_MAX / jnp.where(amax > 0, amax, 1.0), 0.0)
+    return scale.astype(FP8_SCALE_DTYPE), inv
+
+
+def fp8_bytes(x, inv):
+    """float32 values times their factor from `fp8_scale` -> the uint8 bytes of their float8_e4m3fn values."""
+    return jax.lax.bitcast_convert_type((x * inv).astype(FP8_DTYPE), FP8_STORAGE_DTYPE)
+
+
 def quantize_fp8(x):
     """x [..., H] -> (bytes [..., H] uint8 of float8_e4m3fn, scale [...] float32), one scale per row.
 
@@ -64,11 +80,8 @@ def quantize_fp8(x):
     e4m3 conversion rounds to nearest even, and |x / scale| <= 448 never overflows to NaN.
     """
     x = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x), axis=-1)
-    scale = amax / FP8_MAX
-    inv = jnp.where(amax > 0, FP8_MAX / jnp.where(amax > 0, amax, 1.0), 0.0)
-    q = (x * inv[..., None]).astype(FP8_DTYPE)
-    return jax.lax.bitcast_convert_type(q, FP8_STORAGE_DTYPE), scale.astype(FP8_SCALE_DTYPE)
+    scale, inv = fp8_scale(jnp.max(jnp.abs(x), axis=-1))
+    return fp8_bytes(x, inv[..., None]), scale
 
 
 def dequantize_fp8(data, scale, dtype=jnp.float32):

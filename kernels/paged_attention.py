@@ -231,6 +231,14 @@ def _target_programs():
     return 2 * (getattr(jax.devices()[0], "core_count", None) or 132)  # interpret mode on CPU: an H100's
 
 
+def _fourth_program_per_sm(programs):
+    """Whether a grid needs a fourth program on some SM, but no fifth. With fp8 pages, 128-key tiles two stages
+    deep fit three programs in an SM's shared memory, 64-key tiles three deep fit four, so there the smaller
+    tiles run the grid in one wave instead of two (measured at batch 32-256: BENCHMARKS.md)."""
+    sms = _target_programs() // 2
+    return 3 * sms < programs <= 4 * sms
+
+
 def _grid_splits(batch, num_kv_heads, max_blocks):
     """The most splits a call may use: what one live row would use, if the whole batch wants more than one
     split, within MAX_SPLIT_ITEMS partials."""
@@ -443,8 +451,9 @@ def paged_decode_attention(
     split_work = _split_work(context_lens, num_kv_heads, num_splits, fixed) if num_splits > 1 else None
     if tuned and block_k > 64:
         # The fastest measured (BENCHMARKS.md): bf16 with one split, 64-key blocks three stages deep;
-        # fp8, or with splits, 128-key blocks two deep.
-        block_k, num_stages = (64, 3) if num_splits == 1 and not fp8 else (128, 2)
+        # fp8, or with splits, 128-key blocks two deep, except where fp8 needs a fourth program on an SM.
+        one_split_64 = num_splits == 1 and (not fp8 or _fourth_program_per_sm(q.shape[0] * num_kv_heads))
+        block_k, num_stages = (64, 3) if one_split_64 else (128, 2)
     num_stages = 2 if num_stages is None else num_stages
     scale = head_dim**-0.5 if scale is None else float(scale)
     return _decode_pallas(

@@ -3,12 +3,14 @@
 Between the qkv projection and attention, a decode step of Qwen3 otherwise runs per layer a slice copy,
 small XLA fusions for the q/k norms and RoPE, and the `store_kv` kernel; at small batches each is a
 launch of a few microseconds. This kernel reads the projection output [T, (N+2K)*H] (the fused column
-layout [q | k | v]) once and does all of it: program (t, j) of the grid (T, N + K) takes q head j of
-token t (j < N: normalize, rotate, write q) or kv head j - N (normalize and rotate the k row, then write
-the k and v rows at the token's slot; a slot of -1, a padding token, writes nothing under `pl.when`, so
--1 never becomes an address). A per-head grid handles head counts that are not powers of two (Qwen3-14B
-has 40 q heads); each program loads the two halves of its row as separate blocks (rotate-half RoPE),
-so the head dim must be a power of two (64 or 128 in Qwen3).
+layout [q | k | v]) once and does all of it. Each program takes a block of one token's rows: program
+(t, j) of the grid (T, ceil(N / Rq) + ceil(K / Rk)) either normalizes and rotates Rq of token t's q heads
+and writes them, or Rk of its kv heads, whose k rows it normalizes and rotates and whose k and v rows it
+writes at the token's slot (a slot of -1, a padding token, writes nothing under `pl.when`, so -1 never
+becomes an address). Rows are loaded as [R, H/2] halves (rotate-half RoPE); a block past the last head
+(Qwen3-14B's 40 q heads in blocks of 16) is masked. Small blocks suit a decode step's few tokens (more
+programs to spread over the GPU), larger ones a prefill's thousands (`rows_per_program`, by token count,
+measured in BENCHMARKS.md). The head dim must be a power of two (64 or 128 in Qwen3).
 
 The math is the unfused path's, in its order: RMSNorm in float32 (x * rsqrt(mean(x^2) + eps)), cast to
 the model dtype, times the weight; then RoPE with cos/sin of positions * inv_freq in float32, cast to the
@@ -22,22 +24,32 @@ reference rotate by the same float32 angles (an ulp off in a frequency moves the
 Backend: the Triton lowering of Pallas, as for `store_kv` (kv_store.py): the cache update needs
 `input_output_aliases`, which Mosaic GPU's `plgpu.kernel` lacks; the same kernel runs in interpret mode
 on the CPU. In place: the caches are aliased to the outputs and the jitted entry donates them (under the
-engine's jit the donation is the engine's). Rebind the result. fp8 caches are not handled here: the model
-keeps the unfused path (norms, RoPE, `store_kv_fp8`) for them and for checkpoints without q/k norm.
+engine's jit the donation is the engine's). Rebind the result.
+
+fp8 caches (`qk_norm_rope_store_fp8`, layout in kv_layout.py): the same kernel quantizes the k row (after
+its norm and RoPE) and the v row in registers before writing their bytes and scales, with the formulas
+`quantize_fp8` uses (`fp8_scale`, `fp8_bytes`), so the unfused path's XLA fusions and `store_kv_fp8` (about
+nine launches a layer) are not run. The v bytes and scales are the reference's exactly; the k row is the
+kernel's own normalized and rotated row, which can be an ulp off the reference's (its cos/sin), so a k
+byte can be one e4m3 step off.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from nanovllm_jax.layers.rotary import apply_rope, rope_inv_freq
 
-from ._checks import check_cache, check_int32
-from .kv_store import store_kv_reference
+from ._checks import check_cache, check_fp8_cache, check_int32
+from .kv_layout import fp8_bytes, fp8_scale
+from .kv_store import store_kv_fp8_reference, store_kv_reference
 from .norms import rms_norm_reference
+
+LARGE_CALL = 256  # tokens from which a program takes a block of rows rather than one (`default_tiling`)
 
 
 def _qk_norm_rope_store_kernel(
@@ -46,91 +58,125 @@ def _qk_norm_rope_store_kernel(
     inv_freq_ref,  # [H/2] float32, whole
     q_norm_ref,  # [H] q_norm weight, whole
     k_norm_ref,  # [H] k_norm weight, whole
-    row_ref,  # [H] token t's qkv row j: q head j (j < N) or k head j - N
-    v_ref,  # [H] token t's qkv row j + K: the v row of kv head j - N (read only when j >= N)
-    k_cache_in_ref,  # [S, K, P, H] aliased with k_cache_ref: never read
-    v_cache_in_ref,  # [S, K, P, H] aliased with v_cache_ref: never read
-    q_ref,  # [T, N, H] whole, row (t, j) written by program (t, j < N)
-    k_cache_ref,  # [S, K, P, H] whole
-    v_cache_ref,  # [S, K, P, H] whole
-    *,
+    qkv_ref,  # [T, N + 2K, H] whole: token t's rows [q heads | k heads | v heads]
+    *refs,  # the cache arrays in (aliased with the outputs: never read), q_ref, the cache arrays out
     eps: float,
+    q_rows: int,
+    kv_rows: int,
 ):
-    del k_cache_in_ref, v_cache_in_ref
-    num_heads, block_size = q_ref.shape[1], k_cache_ref.shape[2]
-    half = row_ref.shape[0] // 2
-    dtype = row_ref.dtype
+    """Program (t, j): token t's q heads j * Rq .. (j < ceil(N / Rq)), else its kv heads from (j - that) * Rk.
+    The cache arrays are (k_cache, v_cache) [S, K, P, H], or fp8's (k_cache, v_cache, k_scale, v_scale) with
+    uint8 pages and float32 scales [S, K, P]. q_ref [T, N, H]."""
+    num_arrays = (len(refs) - 1) // 2
+    q_ref, (k_cache_ref, v_cache_ref, *scale_refs) = refs[num_arrays], refs[num_arrays + 1 :]
+    num_heads, num_kv_heads, block_size = q_ref.shape[1], k_cache_ref.shape[1], k_cache_ref.shape[2]
+    head_dim = qkv_ref.shape[2]
+    half, dtype = head_dim // 2, qkv_ref.dtype
     t, j = pl.program_id(0), pl.program_id(1)
-    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    q_programs = pl.cdiv(num_heads, q_rows)
+    halves = (pl.ds(0, half), pl.ds(half, half))  # of the norm weights
+    cols = lax.broadcasted_iota(jnp.int32, (1, half), 1)
+    col_halves = (cols, cols + half)  # [1, H/2] column indices of the halves (rows and columns index as arrays)
 
-    def norm_rope(weight_ref):
-        """RMSNorm then RoPE of this program's row, as (first half, second half) in the model dtype."""
-        x1, x2 = row_ref[lo].astype(jnp.float32), row_ref[hi].astype(jnp.float32)
-        inv_rms = jax.lax.rsqrt((jnp.sum(x1 * x1) + jnp.sum(x2 * x2)) / (2 * half) + eps)
-        x1 = weight_ref[lo] * (x1 * inv_rms).astype(dtype)
-        x2 = weight_ref[hi] * (x2 * inv_rms).astype(dtype)
+    def block(first, size, count):
+        """Heads first .. first + size - 1 of `count`: their indices [R], which exist [R], and that as an
+        [R, H/2] mask (indices past the last head are masked: never read or written)."""
+        heads = first + lax.broadcasted_iota(jnp.int32, (size,), 0)
+        real = heads < count
+        return heads, real, jnp.broadcast_to(real[:, None], (size, half))
+
+    def load(rows, mask):
+        """qkv rows [R] of token t as ([R, H/2], [R, H/2]) halves (masked rows 0)."""
+        return tuple(plgpu.load(qkv_ref.at[t, rows[:, None], c], mask=mask, other=0) for c in col_halves)
+
+    def norm_rope(x, weight_ref):
+        """RMSNorm then RoPE of [R, H/2] halves, row by row, in the model dtype."""
+        x1, x2 = (h.astype(jnp.float32) for h in x)
+        inv_rms = lax.rsqrt((jnp.sum(x1 * x1, axis=1) + jnp.sum(x2 * x2, axis=1)) / head_dim + eps)[:, None]
+        w1, w2 = (weight_ref[part][None, :] for part in halves)
+        x1, x2 = w1 * (x1 * inv_rms).astype(dtype), w2 * (x2 * inv_rms).astype(dtype)
         angles = pos_ref[t].astype(jnp.float32) * inv_freq_ref[...]  # [H/2] float32
-        cos, sin = jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+        cos, sin = (f(angles).astype(dtype)[None, :] for f in (jnp.cos, jnp.sin))
         return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
-    @pl.when(j < num_heads)
+    @pl.when(j < q_programs)
     def _():
-        q1, q2 = norm_rope(q_norm_ref)
-        q_ref[t, j, lo] = q1
-        q_ref[t, j, hi] = q2
+        heads, _, mask = block(j * q_rows, q_rows, num_heads)
+        for c, x in zip(col_halves, norm_rope(load(heads, mask), q_norm_ref), strict=True):
+            plgpu.store(q_ref.at[t, heads[:, None], c], x, mask=mask)
 
     slot = slot_ref[t]
 
-    @pl.when((j >= num_heads) & (slot >= 0))  # slot -1: a padding token, nothing to write
+    @pl.when((j >= q_programs) & (slot >= 0))  # slot -1: a padding token, nothing to write
     def _():
-        k1, k2 = norm_rope(k_norm_ref)
-        page, offset, head = slot // block_size, slot % block_size, j - num_heads
-        k_cache_ref[page, head, offset, lo] = k1
-        k_cache_ref[page, head, offset, hi] = k2
-        v_cache_ref[page, head, offset, :] = v_ref[...]
+        page, offset = slot // block_size, slot % block_size
+        heads, real, mask = block((j - q_programs) * kv_rows, kv_rows, num_kv_heads)
+        k = norm_rope(load(num_heads + heads, mask), k_norm_ref)
+        v = load(num_heads + num_kv_heads + heads, mask)
+        if not scale_refs:
+            for cache_ref, row in ((k_cache_ref, k), (v_cache_ref, v)):
+                for c, x in zip(col_halves, row, strict=True):
+                    plgpu.store(cache_ref.at[page, heads[:, None], offset, c], x, mask=mask)
+            return
+        for cache_ref, scale_ref, row in zip((k_cache_ref, v_cache_ref), scale_refs, (k, v), strict=True):
+            x1, x2 = (x.astype(jnp.float32) for x in row)
+            amax = jnp.maximum(jnp.max(jnp.abs(x1), axis=1), jnp.max(jnp.abs(x2), axis=1))  # one scale a row
+            scale, inv = fp8_scale(amax)
+            for c, x in zip(col_halves, (x1, x2), strict=True):
+                plgpu.store(cache_ref.at[page, heads[:, None], offset, c], fp8_bytes(x, inv[:, None]), mask=mask)
+            plgpu.store(scale_ref.at[page, heads, offset], scale, mask=real)
 
 
-@functools.partial(jax.jit, static_argnames=("theta", "eps", "interpret"), donate_argnums=(0, 1))
+@functools.partial(
+    jax.jit, static_argnames=("theta", "eps", "rows_per_program", "num_warps", "interpret"), donate_argnums=(0,)
+)
 def _qk_norm_rope_store_pallas(
-    k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm, *, theta, eps, interpret=False
+    caches, qkv, positions, slot_mapping, q_norm, k_norm, *, theta, eps, rows_per_program, num_warps, interpret
 ):
+    """The pallas_call over the cache arrays `caches` (either layout, donated). Returns (q, *caches)."""
     t = qkv.shape[0]
-    _, num_kv_heads, _, head_dim = k_cache.shape
+    _, num_kv_heads, _, head_dim = caches[0].shape
     num_rows = qkv.shape[1] // head_dim  # N + 2K
     num_heads = num_rows - 2 * num_kv_heads
-    qkv = qkv.reshape(t, num_rows, head_dim)  # a bitcast: rows [q heads | k heads | v heads]
-    cache = jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype)
-
-    def row(shift):  # qkv [T, N+2K, H] -> the row [H] of token i, head j + shift
-        return pl.BlockSpec((None, None, head_dim), lambda i, j: (i, j + shift, 0))
-
+    q_rows, kv_rows = rows_per_program
+    first_cache = 6  # the operand index of caches[0]
     return pl.pallas_call(
-        functools.partial(_qk_norm_rope_store_kernel, eps=eps),
-        grid=(t, num_heads + num_kv_heads),
-        in_specs=[
-            pl.no_block_spec,  # positions [T]: whole, one scalar read per program
-            pl.no_block_spec,  # slot_mapping [T]: whole, one scalar read per program
-            pl.no_block_spec,  # inv_freq [H/2]: whole
-            pl.no_block_spec,  # q_norm weight [H]: whole
-            pl.no_block_spec,  # k_norm weight [H]: whole
-            row(0),  # qkv -> row j: q head j, or k head j - N
-            row(num_kv_heads),  # qkv -> row j + K: v head j - N (a q/k row for q programs, never read)
-            pl.no_block_spec,  # k_cache [S, K, P, H]: whole, aliased to output 1
-            pl.no_block_spec,  # v_cache [S, K, P, H]: whole, aliased to output 2
-        ],
-        out_specs=[pl.no_block_spec] * 3,  # q [T, N, H] row by row; the caches at the slots only
-        out_shape=[jax.ShapeDtypeStruct((t, num_heads, head_dim), qkv.dtype), cache, cache],
-        input_output_aliases={7: 1, 8: 2},
-        compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
+        functools.partial(_qk_norm_rope_store_kernel, eps=eps, q_rows=q_rows, kv_rows=kv_rows),
+        grid=(t, pl.cdiv(num_heads, q_rows) + pl.cdiv(num_kv_heads, kv_rows)),
+        # All whole: positions, slot_mapping [T] (a scalar read per program); inv_freq [H/2]; the q_norm and
+        # k_norm weights [H]; qkv [T, N+2K, H] (a bitcast of the projection); the cache arrays, aliased to
+        # outputs 1, 2, ...
+        in_specs=[pl.no_block_spec] * (first_cache + len(caches)),
+        out_specs=[pl.no_block_spec] * (1 + len(caches)),  # q [T, N, H] by rows; the caches at the slots
+        out_shape=[jax.ShapeDtypeStruct((t, num_heads, head_dim), qkv.dtype)]
+        + [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches],
+        input_output_aliases={first_cache + i: 1 + i for i in range(len(caches))},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name="qk_norm_rope_store",
-    )(positions, slot_mapping, rope_inv_freq(head_dim, theta), q_norm, k_norm, qkv, qkv, k_cache, v_cache)
+        name="qk_norm_rope_store" if len(caches) == 2 else "qk_norm_rope_store_fp8",
+    )(
+        positions,
+        slot_mapping,
+        rope_inv_freq(head_dim, theta),
+        q_norm,
+        k_norm,
+        qkv.reshape(t, num_rows, head_dim),
+        *caches,
+    )
 
 
-def _check(k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm):
-    if k_cache.dtype == jnp.uint8:
-        raise ValueError("fp8 caches are not supported by the fused kernel: use the norms, RoPE and store_kv_fp8")
-    check_cache(k_cache, v_cache)
+def _check(k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm, scales=()):
+    """Input checks of both entries; `scales` is fp8's (k_scale, v_scale), empty for the "auto" layout."""
+    if scales:
+        check_fp8_cache(k_cache, v_cache, *scales)
+        if qkv.dtype not in (jnp.bfloat16, jnp.float32):
+            raise ValueError(f"qkv must be bfloat16 or float32 with an fp8 cache, got {qkv.dtype}")
+    elif k_cache.dtype == jnp.uint8:
+        raise ValueError("an fp8 cache (uint8 pages) goes to qk_norm_rope_store_fp8, with its scales")
+    else:
+        check_cache(k_cache, v_cache)
+        if qkv.dtype != k_cache.dtype:
+            raise ValueError(f"qkv dtype {qkv.dtype} must match the cache dtype {k_cache.dtype}")
     check_int32("positions", positions, 1)
     check_int32("slot_mapping", slot_mapping, 1)
     _, num_kv_heads, _, head_dim = k_cache.shape
@@ -147,47 +193,103 @@ def _check(k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm):
         )
     if slot_mapping.shape[0] != t:
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} tokens, positions {t}")
-    if qkv.dtype != k_cache.dtype:
-        raise ValueError(f"qkv dtype {qkv.dtype} must match the cache dtype {k_cache.dtype}")
     for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
         if w.shape != (head_dim,) or w.dtype != qkv.dtype:
             raise ValueError(f"{name} weight must be [{head_dim}] {qkv.dtype}, got {w.shape} {w.dtype}")
 
 
-def qk_norm_rope_store_reference(k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm, *, theta, eps):
-    """The unfused path: split qkv, RMSNorm q and k, RoPE, store k/v. Returns (q, k_cache, v_cache)."""
+def default_tiling(tokens: int) -> tuple[tuple[int, int], int]:
+    """((q rows, kv rows) per program, warps) for a call of `tokens` tokens (measured: BENCHMARKS.md)."""
+    return ((1, 1), 1) if tokens < LARGE_CALL else ((8, 4), 4)
+
+
+def _launch(caches, qkv, positions, slot_mapping, q_norm, k_norm, theta, eps, rows_per_program, num_warps, interpret):
+    """The kernel on checked inputs: the head dim and the tiles (default: by token count) checked."""
+    head_dim = caches[0].shape[3]
+    if head_dim & (head_dim - 1) or head_dim < 2:
+        raise ValueError(
+            f"the kernel loads each half of a head as one block: head_dim must be a power of two, got {head_dim}"
+        )
+    default_rows, default_warps = default_tiling(qkv.shape[0])
+    rows_per_program = tuple(rows_per_program or default_rows)
+    if len(rows_per_program) != 2 or any(r < 1 or r & (r - 1) for r in rows_per_program):
+        raise ValueError(f"rows_per_program must be two powers of two (q rows, kv rows), got {rows_per_program}")
+    return _qk_norm_rope_store_pallas(
+        caches,
+        qkv,
+        positions,
+        slot_mapping,
+        q_norm,
+        k_norm,
+        theta=theta,
+        eps=eps,
+        rows_per_program=rows_per_program,
+        num_warps=num_warps or default_warps,
+        interpret=interpret,
+    )
+
+
+def _split_norm_rope(qkv, positions, q_norm, k_norm, num_kv_heads, head_dim, theta, eps):
+    """The unfused math: split qkv, RMSNorm q and k, RoPE. Returns q [T, N, H], k and v [T, K, H]."""
     t = qkv.shape[0]
-    _, num_kv_heads, _, head_dim = k_cache.shape
     num_heads = qkv.shape[1] // head_dim - 2 * num_kv_heads
     q, k, v = jnp.split(qkv, [num_heads * head_dim, (num_heads + num_kv_heads) * head_dim], axis=-1)
     q = q.reshape(t, num_heads, head_dim)
     k, v = k.reshape(t, num_kv_heads, head_dim), v.reshape(t, num_kv_heads, head_dim)
     q, k = rms_norm_reference(q, q_norm, eps), rms_norm_reference(k, k_norm, eps)
-    q, k = apply_rope(q, positions, theta), apply_rope(k, positions, theta)
-    k_cache, v_cache = store_kv_reference(k_cache, v_cache, k, v, slot_mapping)
-    return q, k_cache, v_cache
+    return apply_rope(q, positions, theta), apply_rope(k, positions, theta), v
 
 
-@functools.partial(jax.jit, static_argnames=("theta", "eps"), donate_argnums=(0, 1))
-def _qk_norm_rope_store_jnp(k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm, *, theta, eps):
-    return qk_norm_rope_store_reference(
-        k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm, theta=theta, eps=eps
-    )
+def qk_norm_rope_store_reference(k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm, *, theta, eps):
+    """The unfused path: split qkv, RMSNorm q and k, RoPE, store k/v. Returns (q, k_cache, v_cache)."""
+    _, num_kv_heads, _, head_dim = k_cache.shape
+    q, k, v = _split_norm_rope(qkv, positions, q_norm, k_norm, num_kv_heads, head_dim, theta, eps)
+    return q, *store_kv_reference(k_cache, v_cache, k, v, slot_mapping)
+
+
+def qk_norm_rope_store_fp8_reference(
+    k_cache, v_cache, k_scale, v_scale, qkv, positions, slot_mapping, q_norm, k_norm, *, theta, eps
+):
+    """The unfused path into an fp8 cache (`store_kv_fp8_reference`). Returns (q, k_cache, v_cache, k_scale,
+    v_scale)."""
+    _, num_kv_heads, _, head_dim = k_cache.shape
+    q, k, v = _split_norm_rope(qkv, positions, q_norm, k_norm, num_kv_heads, head_dim, theta, eps)
+    return q, *store_kv_fp8_reference(k_cache, v_cache, k_scale, v_scale, k, v, slot_mapping)
+
+
+_qk_norm_rope_store_jnp = jax.jit(qk_norm_rope_store_reference, static_argnames=("theta", "eps"), donate_argnums=(0, 1))
+_qk_norm_rope_store_fp8_jnp = jax.jit(
+    qk_norm_rope_store_fp8_reference, static_argnames=("theta", "eps"), donate_argnums=(0, 1, 2, 3)
+)
 
 
 def qk_norm_rope_store(
-    k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm, *, theta: float, eps: float, interpret=False
+    k_cache,
+    v_cache,
+    qkv,
+    positions,
+    slot_mapping,
+    q_norm,
+    k_norm,
+    *,
+    theta: float,
+    eps: float,
+    rows_per_program: tuple[int, int] | None = None,
+    num_warps: int | None = None,
+    interpret=False,
 ):
     """Public entry: q/k RMSNorm and RoPE of the qkv projection, and k/v written into the cache, in place.
 
     Args:
-      k_cache, v_cache: [S, K, P, H] paged cache in the model dtype (not fp8); donated when called
-        directly (rebind the result).
+      k_cache, v_cache: [S, K, P, H] paged cache in the model dtype (fp8 caches: `qk_norm_rope_store_fp8`);
+        donated when called directly (rebind the result).
       qkv: [T, (N + 2K) * H] the projection output, columns [q heads | k heads | v heads].
       positions: [T] int32 each token's position (RoPE).
       slot_mapping: [T] int32 slot = page * P + offset, or -1 for a padding token (no write).
       q_norm, k_norm: [H] the RMSNorm weights, in the model dtype.
       theta: the RoPE base; eps: the RMSNorm epsilon (both static).
+      rows_per_program: (q rows, kv rows) a program takes, powers of two; num_warps: its warps. By
+        default `default_tiling(T)`.
       interpret: run the Pallas kernel in interpret mode (tests on the CPU). Otherwise the CPU runs the
         jnp reference and a GPU the kernel.
     Returns:
@@ -199,11 +301,42 @@ def qk_norm_rope_store(
         return _qk_norm_rope_store_jnp(
             k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm, theta=theta, eps=eps
         )
-    head_dim = k_cache.shape[3]
-    if head_dim & (head_dim - 1) or head_dim < 2:
-        raise ValueError(
-            f"the kernel loads each half of a head as one block: head_dim must be a power of two, got {head_dim}"
-        )
-    return _qk_norm_rope_store_pallas(
-        k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm, theta=theta, eps=eps, interpret=interpret
-    )
+    caches = (k_cache, v_cache)
+    tiles = (rows_per_program, num_warps)
+    return _launch(caches, qkv, positions, slot_mapping, q_norm, k_norm, theta, eps, *tiles, interpret)
+
+
+def qk_norm_rope_store_fp8(
+    k_cache,
+    v_cache,
+    k_scale,
+    v_scale,
+    qkv,
+    positions,
+    slot_mapping,
+    q_norm,
+    k_norm,
+    *,
+    theta: float,
+    eps: float,
+    rows_per_program: tuple[int, int] | None = None,
+    num_warps: int | None = None,
+    interpret=False,
+):
+    """Public entry for the fp8 layout: as `qk_norm_rope_store`, with k/v quantized into uint8 pages and scales.
+
+    Args:
+      k_cache, v_cache: [S, K, P, H] uint8 pages; k_scale, v_scale: [S, K, P] float32 (kv_layout.py). All
+        four are donated when called directly (rebind the result).
+      qkv, q_norm, k_norm: bfloat16 or float32; the rest as in `qk_norm_rope_store`.
+    Returns:
+      (q [T, N, H] in the dtype of qkv, k_cache, v_cache, k_scale, v_scale updated).
+    """
+    _check(k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm, scales=(k_scale, v_scale))
+    theta, eps = float(theta), float(eps)
+    if jax.default_backend() == "cpu" and not interpret:
+        args = (k_cache, v_cache, k_scale, v_scale, qkv, positions, slot_mapping, q_norm, k_norm)
+        return _qk_norm_rope_store_fp8_jnp(*args, theta=theta, eps=eps)
+    caches = (k_cache, v_cache, k_scale, v_scale)
+    tiles = (rows_per_program, num_warps)
+    return _launch(caches, qkv, positions, slot_mapping, q_norm, k_norm, theta, eps, *tiles, interpret)

@@ -3,11 +3,11 @@
 The new tokens' K/V are written into the paged cache first, then attention reads every key, prefix and
 new alike, from the cache. Two ways to store: `paged_attention` takes q/k/v ready (after the model's q/k
 norms and RoPE) and stores with `store_kv`; `qk_norm_rope_store` takes the qkv projection and does the
-q/k norms, RoPE and the store in one kernel, after which `attend` reads the cache. This module is where
-the backend is chosen: `impl` "auto" uses the kernels' public entries (Pallas on GPU, their jnp
-references on CPU), "reference" the jnp references everywhere (parity checks). The KV cache flows
-functionally: each call returns the updated caches, which the caller rebinds; the engine's jitted step
-donates them, so the store happens in place.
+q/k norms, RoPE and the store in one kernel (either cache layout), after which `attend` reads the cache.
+This module is where the backend is chosen: `impl` "auto" uses the kernels' public entries (Pallas on
+GPU, their jnp references on CPU), "reference" the jnp references everywhere (parity checks). The KV
+cache flows functionally: each call returns the updated caches, which the caller rebinds; the engine's
+jitted step donates them, so the store happens in place.
 """
 
 from dataclasses import dataclass, field
@@ -53,13 +53,15 @@ def qk_norm_rope_store(
     """One kernel from the qkv projection [T, (N+2K)H] to attention's inputs: returns (q [T, N, H], cache).
 
     q and k get their RMSNorm (weights q_norm, k_norm [H]) and RoPE at `positions`; k and v are stored
-    at `md.slot_mapping`. The "auto" cache layout only (the model dtype); fp8 caches go through the
-    model's norms, RoPE and `paged_attention`.
+    at `md.slot_mapping`, quantized first when the cache tuple is fp8's.
     """
-    k_cache, v_cache = kv_cache  # the "auto" layout: two arrays
-    fn = kernels.qk_norm_rope_store_reference if impl == "reference" else kernels.qk_norm_rope_store
-    q, k_cache, v_cache = fn(k_cache, v_cache, qkv, positions, md.slot_mapping, q_norm, k_norm, theta=theta, eps=eps)
-    return q, (k_cache, v_cache)
+    ref = impl == "reference"
+    if kernels.is_fp8_cache(kv_cache):
+        fn = kernels.qk_norm_rope_store_fp8_reference if ref else kernels.qk_norm_rope_store_fp8
+    else:
+        fn = kernels.qk_norm_rope_store_reference if ref else kernels.qk_norm_rope_store
+    q, *kv_cache = fn(*kv_cache, qkv, positions, md.slot_mapping, q_norm, k_norm, theta=theta, eps=eps)
+    return q, tuple(kv_cache)
 
 
 def attend(q, kv_cache: tuple, md: AttentionMetadata, impl: str = "auto"):

@@ -150,18 +150,16 @@ class Qwen3Attention(nnx.Module):
         qkv = kernels.matmul(x, self.qkv[...])
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...]
-        if self.q_norm is not None and not kernels.is_fp8_cache(kv_cache):
+        if self.q_norm is not None:
             # One kernel from qkv to attention's inputs: q/k norms, RoPE, and k/v stored in the cache.
             q_norm, k_norm = self.q_norm.weight[...], self.k_norm.weight[...]
             q, kv_cache = qk_norm_rope_store(
                 qkv, positions, q_norm, k_norm, kv_cache, md, theta=self.theta, eps=self.eps, impl=self.attn_impl
             )
             o = attend(q, kv_cache, md, self.attn_impl)
-        else:  # fp8 caches and checkpoints without q/k norm (Qwen2): the same math, op by op
+        else:  # checkpoints without q/k norm (Qwen2): RoPE and the store op by op
             q, k, v = jnp.split(qkv, [self.n * self.h, (self.n + self.k) * self.h], axis=-1)
             q, k, v = q.reshape(T, self.n, self.h), k.reshape(T, self.k, self.h), v.reshape(T, self.k, self.h)
-            if self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope(q, positions, self.theta), apply_rope(k, positions, self.theta)
             o, kv_cache = paged_attention(q, k, v, kv_cache, md, self.attn_impl)
         return _row_parallel(o.reshape(T, self.n * self.h), self.o[...], self.tp_axis), kv_cache
