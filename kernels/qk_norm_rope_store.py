@@ -214,6 +214,9 @@ def _launch(caches, qkv, positions, slot_mapping, q_norm, k_norm, theta, eps, ro
     rows_per_program = tuple(rows_per_program or default_rows)
     if len(rows_per_program) != 2 or any(r < 1 or r & (r - 1) for r in rows_per_program):
         raise ValueError(f"rows_per_program must be two powers of two (q rows, kv rows), got {rows_per_program}")
+    num_warps = default_warps if num_warps is None else num_warps
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
     return _qk_norm_rope_store_pallas(
         caches,
         qkv,
@@ -224,7 +227,7 @@ def _launch(caches, qkv, positions, slot_mapping, q_norm, k_norm, theta, eps, ro
         theta=theta,
         eps=eps,
         rows_per_program=rows_per_program,
-        num_warps=num_warps or default_warps,
+        num_warps=num_warps,
         interpret=interpret,
     )
 

@@ -269,6 +269,8 @@ def test_input_checks():
         call(**args | dict(v_cache=args["v_cache"].astype(jnp.float32)))
     with pytest.raises(ValueError, match="rows_per_program"):
         call(**args, rows_per_program=(3, 2), interpret=True)
+    with pytest.raises(ValueError, match="num_warps"):
+        call(**args, num_warps=3, interpret=True)
     odd = _case(3, 4, 2, 48, jnp.bfloat16)
     with pytest.raises(ValueError, match="power of two"):
         call(**odd, interpret=True)
