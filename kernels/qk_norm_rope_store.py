@@ -28,8 +28,8 @@ engine's jit the donation is the engine's). Rebind the result.
 
 fp8 caches (`qk_norm_rope_store_fp8`, layout in kv_layout.py): the same kernel quantizes the k row (after
 its norm and RoPE) and the v row in registers before writing their bytes and scales, with the formulas
-`quantize_fp8` uses (`fp8_scale`, `fp8_bytes`), so the unfused path's XLA fusions and `store_kv_fp8` (about
-nine launches a layer) are not run. The v bytes and scales are the reference's exactly; the k row is the
+`quantize_fp8` uses (`fp8_scale`, `fp8_bytes`), so the unfused path's XLA fusions and `store_kv_fp8` are
+not run. The v bytes and scales are the reference's exactly; the k row is the
 kernel's own normalized and rotated row, which can be an ulp off the reference's (its cos/sin), so a k
 byte can be one e4m3 step off.
 """
