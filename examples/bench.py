@@ -119,6 +119,11 @@ def main():
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="LLM kv_cache_dtype")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--profile-host", help="profile the timed run's Python (cProfile) and write the stats here")
+    p.add_argument(
+        "--profile-device",
+        action="store_true",
+        help="trace the timed run's GPU kernels (JAX profiler) and print where the device time went (slows the run)",
+    )
     args = p.parse_args()
 
     import jax
@@ -195,7 +200,12 @@ def main():
         profile = cProfile.Profile()
         profile.enable()
     t = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    if args.profile_device:
+        from device_trace import trace
+
+        outputs, kernel_times = trace(lambda: llm.generate(prompts, params, use_tqdm=False))
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t
     if profile is not None:
         import pstats
@@ -212,6 +222,8 @@ def main():
     if generated != total:  # ignore_eos: only max_model_len can cut a sequence short
         print(f"WARNING: generated {generated} tokens, not {total} (a sequence reached max_model_len?)")
     throughput = total / elapsed
+    if args.profile_device:
+        print_device_time(kernel_times, elapsed)
     print(f"Total: {total}tok, Time: {elapsed:.2f}s, Throughput: {throughput:.2f}tok/s")
     print(
         f"Decode steps: {steps} in {stats['windows']} windows (decode_window={args.decode_window}), waiting for "
@@ -247,6 +259,20 @@ def main():
         f"throughput={throughput:.0f}tok/s startup={startup:.1f}s async={not args.sync} "
         f"window={args.decode_window} host_ms_per_step={(elapsed - wait) / steps * 1e3:.3f}"
     )
+
+
+def print_device_time(times, elapsed: float):
+    """The traced run's GPU busy time by part of the model and its largest kernels (`--profile-device`)."""
+    busy = times.busy_ns() / 1e9
+    if not busy:
+        print("no GPU kernels in the trace (--profile-device times GPU kernels only)")
+        return
+    print(f"GPU busy {busy:.3f} s of the run's {elapsed:.3f} s (traced; the profiler slows the run), by part:")
+    for part, ns in times.by_part().most_common():
+        print(f"  {ns / 1e9:7.3f} s  {ns / 1e9 / busy:6.1%}  {part}")
+    print("largest kernels:")
+    for name, ns in times.ns.most_common(20):
+        print(f"  {ns / 1e9:7.3f} s  x{times.count[name]:7d}  {name[:100]}")
 
 
 def write_json(path: str | None, result: dict):

@@ -6,16 +6,14 @@ batch x ctx tokens of K and V) / --bandwidth. Used to find the fixed per-step co
 """
 
 import argparse
-import collections
-import glob
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import cached_checkpoint  # noqa: E402
 from bench_buckets import H200_COPY_BANDWIDTH, decode_bytes, fake_sequences  # noqa: E402
+from device_trace import trace  # noqa: E402
 
 
 def main():
@@ -30,9 +28,6 @@ def main():
     p.add_argument("--reference-attention", action="store_true", help="jnp reference kernels instead of Pallas")
     p.add_argument("--bandwidth", type=float, default=H200_COPY_BANDWIDTH, help="B/s for the floor (H200: 4.24e12)")
     args = p.parse_args()
-
-    import jax
-    from jax.profiler import ProfileData
 
     from nanovllm_jax import LLM, kernels
 
@@ -67,27 +62,16 @@ def main():
             out = run()
         out.block_until_ready()
         wall = (time.perf_counter() - t) / args.steps / args.window
-        trace_dir = tempfile.mkdtemp()
-        jax.profiler.start_trace(trace_dir)
-        for _ in range(args.steps):
-            out = run()
-        out.block_until_ready()
-        jax.profiler.stop_trace()
-        path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-        data = ProfileData.from_file(path)
-        kernels_ns, count, events = collections.Counter(), collections.Counter(), []
-        for plane in data.planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            for line in plane.lines:
-                if "Stream" not in line.name and "stream" not in line.name:
-                    continue
-                for ev in line.events:
-                    kernels_ns[ev.name] += ev.duration_ns
-                    count[ev.name] += 1
-                    events.append((ev.start_ns, ev.duration_ns, ev.name))
+
+        def traced():
+            for _ in range(args.steps):
+                out = run()
+            out.block_until_ready()
+
+        _, times = trace(traced)
+        kernels_ns, count, events = times.ns, times.count, times.events
         steps = args.steps * args.window  # decode steps traced
-        busy = sum(kernels_ns.values()) / steps / 1e6
+        busy = times.busy_ns() / steps / 1e6
         n = sum(count.values()) / steps
         floor = (weight_bytes + batch * args.ctx * kv_per_token) / args.bandwidth * 1e3
         rows.append((batch, wall * 1e3, busy, n, floor))
@@ -95,11 +79,14 @@ def main():
             f"\nbatch {batch} ctx {args.ctx}: wall {wall * 1e3:.3f} ms/step, GPU busy {busy:.3f} ms/step, "
             f"{n:.0f} kernels/step, floor {floor:.3f} ms (busy {busy / floor:.2f}x the floor)"
         )
+        for part, ns in times.by_part().most_common():
+            print(f"  {ns / steps / 1e3:9.1f} us  {part}")
+        print("  top kernels:")
         for name, ns in kernels_ns.most_common(12):
             print(f"  {ns / steps / 1e3:9.1f} us  x{count[name] / steps:5.0f}  {name[:90]}")
         if args.sequence:
             print(f"  the first {args.sequence} kernels of a step, in order (us):")
-            for _, ns, name in sorted(events)[: args.sequence]:
+            for _, ns, name in events[: args.sequence]:
                 print(f"    {ns / 1e3:7.1f}  {name[:100]}")
     print(f"\nctx {args.ctx}, floor at {args.bandwidth / 1e12:.2f} TB/s")
     print("| batch | wall ms/step | GPU busy ms/step | kernels/step | floor ms | busy / floor |")

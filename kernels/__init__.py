@@ -31,6 +31,7 @@ from .qk_norm_rope_store import (
     qk_norm_rope_store_fp8_reference,
     qk_norm_rope_store_reference,
 )
+from .sampling import gumbel_argmax, gumbel_argmax_reference
 
 __all__ = [
     "KV_CACHE_DTYPES",
@@ -60,4 +61,6 @@ __all__ = [
     "matmul_silu_mul",
     "matmul_silu_mul_reference",
     "sum_partials",
+    "gumbel_argmax",
+    "gumbel_argmax_reference",
 ]

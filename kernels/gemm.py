@@ -55,7 +55,8 @@ class Tiling:
 
 def default_tiling(m: int, k: int, n: int, max_split_k: int = 1) -> Tiling:
     """Row tiles of up to 64 rows; 64 columns (128 from 256 rows); K in steps of 128, split (up to
-    `max_split_k`) until the grid has `MIN_PROGRAMS` programs."""
+    `max_split_k`) until the grid has `MIN_PROGRAMS` programs; if it still has fewer (a product without
+    splits: Qwen3-0.6B's qkv below 128 rows), 32 columns."""
     block_m = next((b for b in (64, 32, 16) if m % b == 0), ROW_MULTIPLE)
     tiling = Tiling(block_m=block_m, block_n=128 if m >= 256 else 64, block_k=128, split_k=1)
     while tiling.programs(m, n) < MIN_PROGRAMS and tiling.split_k < max_split_k:
@@ -63,6 +64,9 @@ def default_tiling(m: int, k: int, n: int, max_split_k: int = 1) -> Tiling:
         if not wider.fits(m, k, n):
             break
         tiling = wider
+    narrow = replace(tiling, block_n=32)
+    if tiling.programs(m, n) < MIN_PROGRAMS and tiling.block_n > 32 and narrow.fits(m, k, n):
+        tiling = narrow
     return tiling
 
 

@@ -6,13 +6,13 @@ the context never enters a product), and runs in interpret mode on the CPU for t
 cache near the copy bandwidth at batch >= 64 (BENCHMARKS.md, "## Kernels"), so no Mosaic GPU version
 was written.
 
-Work split (flash-decoding): the grid is (batch, kv head). All G = N / K query heads of one kv head
-share a program, so K/V are read once per kv head (GQA without repeats); the G rows are padded to 16
-(the smallest dot) by repeating the last head, and a masked store writes only the G real rows into the
-[B, N, H] output. When batch x kv heads cannot fill the GPU, each context is cut into equal runs of key
-blocks (cut at run time from the real context length; `num_splits` runs at most): the (live row, kv
-head, run) items are dealt to a fixed grid of programs, the run count is chosen at run time from the
-live rows (context > 0), so one live row in a 16-row batch still spreads over the GPU, and a second
+Work split (flash-decoding): one program per (sequence, kv head), started longest context first. All G = N /
+K query heads of one kv head share a program, so K/V are read once per kv head (GQA without repeats); the G
+rows are padded to 16 (the smallest dot) by repeating the last head, and a masked store writes only the G
+real rows into the [B, N, H] output. When batch x kv heads cannot fill the GPU, each context is cut into
+equal runs of key blocks (cut at run time from the real context length; `num_splits` runs at most): the
+(live row, kv head, run) items are dealt to a fixed grid of programs, the run count is chosen at run time
+from the live rows (context > 0), so one live row in a 16-row batch still spreads over the GPU, and a second
 small kernel merges the partial softmaxes. A row with context length 0 outputs 0.
 fp32 caches run their dots as TF32 (relative error about 3e-4).
 
@@ -164,14 +164,17 @@ def _row_masks(rows, group, head_dim):
     return mask, jnp.broadcast_to(mask[:, None], (rows, head_dim))
 
 
-def _decode_kernel(lens_ref, *refs, group, rows, block_k, scale_log2, fp8):
-    """Grid (batch, kv head): one program per sequence and kv head, over its whole context.
+def _decode_kernel(lens_ref, order_ref, *refs, group, rows, block_k, scale_log2, fp8):
+    """Grid (kv head, batch): one program per sequence and kv head, over its whole context. order [B] int32:
+    the rows by context length, longest first; program (head, i) takes row order[i]. The GPU starts programs
+    in grid order, the first axis fastest, so it starts the longest contexts first and the shortest last: a
+    batch of ragged contexts does not end on one long row.
 
     refs: tables [B, W], q [B, N, H], k and v caches [S, K, P, H] (fp8: uint8 e4m3 bytes, v viewed as
     [S, K, P, H / 2] uint16 byte pairs), with fp8 k_scale and v_scale [S, K, P]; the output o [B, N, H]. All
     whole (rows gathered, pages read through the block table)."""
     inputs, (o_ref,) = _unpack_refs(refs, fp8)
-    b, head = pl.program_id(0), pl.program_id(1)
+    head, b = pl.program_id(0), order_ref[pl.program_id(1)]
     ctx = lens_ref[b]
     kw = dict(group=group, rows=rows, block_k=block_k, scale_log2=scale_log2, fp8=fp8)
     acc, m, l = _attend(inputs, b, head, ctx, 0, pl.cdiv(ctx, block_k), **kw)
@@ -304,14 +307,15 @@ def _decode_pallas(
     # All operands whole (pl.no_block_spec): pages are read through the block table, the group's query rows
     # gathered, and each program stores its G rows with masked stores.
     if num_splits == 1:
+        order = jnp.argsort(-context_lens, stable=True).astype(jnp.int32)  # longest first
         (o,) = pl.pallas_call(
             functools.partial(_decode_kernel, **kw),
-            grid=(batch, num_kv_heads),
-            in_specs=[pl.no_block_spec] * (5 + len(scales)),
+            grid=(num_kv_heads, batch),
+            in_specs=[pl.no_block_spec] * (6 + len(scales)),
             out_specs=[pl.no_block_spec],
             out_shape=[jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)],
             **params,
-        )(context_lens, block_tables, q, k_cache, v_cache, *scales)
+        )(context_lens, order, block_tables, q, k_cache, v_cache, *scales)
         return o
     slots = pl.next_power_of_2(num_splits)  # the merge loads all of a row's splits as one tile
     out_shape = [

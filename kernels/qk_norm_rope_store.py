@@ -200,7 +200,7 @@ def _check(k_cache, v_cache, qkv, positions, slot_mapping, q_norm, k_norm, scale
 
 def default_tiling(tokens: int) -> tuple[tuple[int, int], int]:
     """((q rows, kv rows) per program, warps) for a call of `tokens` tokens (measured: BENCHMARKS.md)."""
-    return ((1, 1), 1) if tokens < LARGE_CALL else ((8, 4), 4)
+    return ((1, 1), 1) if tokens < LARGE_CALL else ((4, 2), 1)
 
 
 def _launch(caches, qkv, positions, slot_mapping, q_norm, k_norm, theta, eps, rows_per_program, num_warps, interpret):

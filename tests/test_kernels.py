@@ -157,6 +157,12 @@ def test_decode_gqa_dtypes(group, dtype):
     _decode_case([1, 31, 32, 33, 100, 0], 2 * group, 2, 64, 32, dtype, width=4, block_k=16, num_splits=1)
 
 
+def test_decode_rows_start_longest_first():
+    # One split: programs take the rows by context, longest first; ties, padded rows and an unsorted batch
+    # must still land in their own rows.
+    _decode_case([33, 0, 100, 33, 1, 100, 0, 64], 4, 2, 64, 32, jnp.bfloat16, width=4, block_k=16, num_splits=1)
+
+
 @pytest.mark.parametrize("num_splits", [2, 3, 8])
 def test_decode_splits(num_splits):
     # Splits cut the real context; some splits get no block (short rows), a padded row gets none at all.

@@ -72,6 +72,16 @@ def test_default_partials_split_until_the_grid_is_full():
     assert many.split_k == 1 and many.programs(256, 6144) >= mm.MIN_PROGRAMS
 
 
+def test_default_product_narrows_its_columns():
+    """A product cannot split K: a grid short of programs takes 32-column tiles (Qwen3-0.6B's qkv at 16-64 rows)."""
+    qkv = mm.default_tiling(64, 1024, 4096)
+    assert (qkv.block_n, qkv.split_k) == (32, 1) and qkv.programs(64, 4096) >= mm.MIN_PROGRAMS
+    assert mm.default_tiling(128, 1024, 4096).block_n == 64
+    x, w = _inputs(16, 256, 512)
+    assert mm.default_tiling(16, 256, 512).block_n == 32
+    _assert_product(mm.matmul(x, w, interpret=INTERPRET), x, w)
+
+
 def test_rows_are_independent():
     """A NaN row of x (a padded row of a bucket may hold anything) spoils only its own output row."""
     x, w = _inputs(32, 256, 128)

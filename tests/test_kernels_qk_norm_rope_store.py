@@ -300,7 +300,7 @@ def test_fp8_input_checks():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows_per_program", [(1, 1), (8, 4), (16, 8)])
+@pytest.mark.parametrize("rows_per_program", [(1, 1), (4, 2), (8, 4), (16, 8)])
 def test_gpu_qwen3_0_6b_shapes(rows_per_program):
     """Qwen3-0.6B per layer (16 q heads, 8 kv heads, head dim 128, bf16), pages of 256, a 256-token step."""
     args = _case(256, 16, 8, 128, jnp.bfloat16, block_size=256, num_pages=8, seed=3)
@@ -319,7 +319,7 @@ def test_gpu_qwen3_14b_heads_prefill():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("rows_per_program", [(1, 1), (8, 4)])
+@pytest.mark.parametrize("rows_per_program", [(1, 1), (4, 2), (8, 4)])
 def test_gpu_fp8_qwen3_0_6b_shapes(dtype, rows_per_program):
     """The fp8 kernel compiled at Qwen3-0.6B's shapes, pages of 256, a 256-token step."""
     args = _fp8_case(256, 16, 8, 128, dtype, block_size=256, num_pages=8, seed=3)

@@ -307,7 +307,8 @@ def test_two_stage_argmax_matches_jnp_argmax(v):
     rows = _hard_rows(v, np.random.default_rng(v))
     want = np.argmax(rows, -1)  # numpy: the first maximum, or the first NaN
     np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(jnp.asarray(rows))), want)
-    np.testing.assert_array_equal(np.asarray(jnp.argmax(rows, -1)), want)
+    if jax.default_backend() == "cpu":  # XLA:GPU's jnp.argmax may pick another of several NaNs
+        np.testing.assert_array_equal(np.asarray(jnp.argmax(rows, -1)), want)
     # Temperature-0 rows of both paths are exactly the argmax too (the full path: but for +inf before a NaN).
     b = rows.shape[0]
     args = (jnp.asarray(rows), jnp.zeros(b), jnp.full(b, -1, jnp.int32), jnp.ones(b), jax.random.key(0, impl="rbg"))
