@@ -10,10 +10,10 @@ The kernel (Triton lowering of Pallas) reads each row in chunks of `block_v` col
 chunk): it hashes the noise, adds it and reduces its chunk to (value, first index); XLA then picks each row's
 winner among its chunks. The reference is the same math in jnp (two stages too: the vocabulary as up to 128
 chunks, then their winners), what the CPU runs. The hash is exact integer arithmetic, so both draw the same
-uniforms. On the GPU the kernel turns them into noise with the approximate log2 instruction
-(`_noise_approx`, within about 2e-6 of the exact logs; the exact ones made the kernel as slow as XLA's
-fusion, BENCHMARKS.md), so its tokens are the reference's except where a row's two best values lie that
-close. In interpret mode it uses the exact logs and gives the reference's tokens.
+uniforms. On the GPU the kernel, bound by its arithmetic, turns them into noise with the approximate log2
+instruction (`_noise_approx`, within about 2e-6 of the exact logs), so its tokens are the reference's except
+where a row's two best values lie that close. In interpret mode it uses the exact logs and gives the
+reference's tokens.
 """
 
 import functools
@@ -67,9 +67,9 @@ def _lg2_approx(y):
 
 
 def _noise_approx(w):
-    """`_noise` from two approximate log2s, a few times fewer instructions than the exact logs (the kernel is
-    bound by this arithmetic). -log1p(-w) is -log(1 - w) where 1 - w loses little (w >= 2^-6), else its
-    series to w^4 (truncation below 2^-24 relative): the noise differs from `_noise` by about 1e-6."""
+    """`_noise` from two approximate log2s, a few times fewer instructions than the exact logs. -log1p(-w) is
+    -log(1 - w) where 1 - w loses little (w >= 2^-6), else its series to w^4 (truncation below 2^-24
+    relative): the noise differs from `_noise` by about 1e-6."""
     ln2 = np.float32(np.log(2.0))
     series = w * (1 + w * (np.float32(1 / 2) + w * (np.float32(1 / 3) + w * np.float32(1 / 4))))
     e = jnp.where(w < np.float32(2.0**-6), series, -ln2 * _lg2_approx(1 - w))  # -log1p(-w) > 0
