@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 PARTS = (
     ("decode attention", ("paged_decode_attention", "decode_attention", "attention_merge")),
     ("prefill attention", ("prefill_attention", "mosaic_gpu")),
+    ("decode qkv GEMM + q/k norm + RoPE + KV store", ("decode_matmul_qk_norm_rope_store",)),
     ("decode GEMM (gate/up + SiLU)", ("decode_matmul_silu_mul",)),
     ("decode GEMMs (qkv, o, down)", ("decode_matmul",)),
     ("RMSNorm (+ residual add)", ("rms_norm",)),

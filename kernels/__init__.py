@@ -22,6 +22,7 @@ from .gemm import (
 )
 from .kv_layout import KV_CACHE_DTYPES, is_fp8_cache, kv_cache_bytes, kv_cache_shapes
 from .kv_store import store_kv, store_kv_fp8, store_kv_fp8_reference, store_kv_reference
+from .matmul_qk_norm_rope_store import matmul_qk_norm_rope_store, matmul_qk_norm_rope_store_reference
 from .norms import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from .paged_attention import paged_decode_attention, paged_decode_attention_reference
 from .prefill_attention import paged_prefill_attention, paged_prefill_attention_reference
@@ -50,6 +51,8 @@ __all__ = [
     "qk_norm_rope_store_reference",
     "qk_norm_rope_store_fp8",
     "qk_norm_rope_store_fp8_reference",
+    "matmul_qk_norm_rope_store",
+    "matmul_qk_norm_rope_store_reference",
     "add_rms_norm",
     "add_rms_norm_reference",
     "rms_norm",

@@ -52,6 +52,25 @@ from .norms import rms_norm_reference
 LARGE_CALL = 256  # tokens from which a program takes a block of rows rather than one (`default_tiling`)
 
 
+def norm_rope_halves(x1, x2, w1, w2, cos, sin, eps):
+    """RMSNorm then RoPE of rows given as their [R, H/2] halves, in the model dtype (x1's): the norm in
+    float32, cast, times the weight halves w1, w2; then the rotation by cos, sin (model dtype, broadcast to
+    [R, H/2]). Shared with the qkv projection's epilogue (matmul_qk_norm_rope_store.py)."""
+    dtype, head_dim = x1.dtype, 2 * x1.shape[-1]
+    x1, x2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
+    inv_rms = lax.rsqrt((jnp.sum(x1 * x1, axis=1) + jnp.sum(x2 * x2, axis=1)) / head_dim + eps)[:, None]
+    x1, x2 = w1 * (x1 * inv_rms).astype(dtype), w2 * (x2 * inv_rms).astype(dtype)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+def quantize_halves(x1, x2):
+    """Rows as [R, H/2] halves -> (their e4m3 bytes as two halves, the scale [R]): `quantize_fp8`'s formulas,
+    one scale a row."""
+    x1, x2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
+    scale, inv = fp8_scale(jnp.maximum(jnp.max(jnp.abs(x1), axis=1), jnp.max(jnp.abs(x2), axis=1)))
+    return fp8_bytes(x1, inv[:, None]), fp8_bytes(x2, inv[:, None]), scale
+
+
 def _qk_norm_rope_store_kernel(
     pos_ref,  # [T] int32, whole
     slot_ref,  # [T] int32, whole
@@ -91,13 +110,9 @@ def _qk_norm_rope_store_kernel(
 
     def norm_rope(x, weight_ref):
         """RMSNorm then RoPE of [R, H/2] halves, row by row, in the model dtype."""
-        x1, x2 = (h.astype(jnp.float32) for h in x)
-        inv_rms = lax.rsqrt((jnp.sum(x1 * x1, axis=1) + jnp.sum(x2 * x2, axis=1)) / head_dim + eps)[:, None]
-        w1, w2 = (weight_ref[part][None, :] for part in halves)
-        x1, x2 = w1 * (x1 * inv_rms).astype(dtype), w2 * (x2 * inv_rms).astype(dtype)
         angles = pos_ref[t].astype(jnp.float32) * inv_freq_ref[...]  # [H/2] float32
         cos, sin = (f(angles).astype(dtype)[None, :] for f in (jnp.cos, jnp.sin))
-        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        return norm_rope_halves(*x, *(weight_ref[part][None, :] for part in halves), cos, sin, eps)
 
     @pl.when(j < q_programs)
     def _():
@@ -119,11 +134,9 @@ def _qk_norm_rope_store_kernel(
                     plgpu.store(cache_ref.at[page, heads[:, None], offset, c], x, mask=mask)
             return
         for cache_ref, scale_ref, row in zip((k_cache_ref, v_cache_ref), scale_refs, (k, v), strict=True):
-            x1, x2 = (x.astype(jnp.float32) for x in row)
-            amax = jnp.maximum(jnp.max(jnp.abs(x1), axis=1), jnp.max(jnp.abs(x2), axis=1))  # one scale a row
-            scale, inv = fp8_scale(amax)
-            for c, x in zip(col_halves, (x1, x2), strict=True):
-                plgpu.store(cache_ref.at[page, heads[:, None], offset, c], fp8_bytes(x, inv[:, None]), mask=mask)
+            *row_bytes, scale = quantize_halves(*row)
+            for c, x in zip(col_halves, row_bytes, strict=True):
+                plgpu.store(cache_ref.at[page, heads[:, None], offset, c], x, mask=mask)
             plgpu.store(scale_ref.at[page, heads, offset], scale, mask=real)
 
 

@@ -1,9 +1,11 @@
 """Paged attention for the model: per-step metadata as an explicit pytree, and the store-then-attend step.
 
 The new tokens' K/V are written into the paged cache first, then attention reads every key, prefix and
-new alike, from the cache. Two ways to store: `paged_attention` takes q/k/v ready (after the model's q/k
+new alike, from the cache. Three ways to store: `paged_attention` takes q/k/v ready (after the model's q/k
 norms and RoPE) and stores with `store_kv`; `qk_norm_rope_store` takes the qkv projection and does the
-q/k norms, RoPE and the store in one kernel (either cache layout), after which `attend` reads the cache.
+q/k norms, RoPE and the store in one kernel (either cache layout); `project_qk_norm_rope_store` takes the
+projection's input and weight and runs the projection in that kernel too. After either, `attend` reads
+the cache.
 This module is where the backend is chosen: `impl` "auto" uses the kernels' public entries (Pallas on
 GPU, their jnp references on CPU), "reference" the jnp references everywhere (parity checks). The KV
 cache flows functionally: each call returns the updated caches, which the caller rebinds; the engine's
@@ -45,6 +47,15 @@ def store_kv(k, v, kv_cache: tuple, md: AttentionMetadata, impl: str = "auto") -
     else:
         store = kernels.store_kv_reference if ref else kernels.store_kv
     return tuple(store(*kv_cache, k, v, md.slot_mapping))
+
+
+def project_qk_norm_rope_store(
+    x, w, positions, q_norm, k_norm, kv_cache: tuple, md: AttentionMetadata, *, theta, eps, impl: str = "auto"
+):
+    """`qk_norm_rope_store` of the qkv projection x @ w (x [T, D], w [D, (N+2K)H]), with the projection in
+    the same kernel where it applies (`kernels.matmul_qk_norm_rope_store`). Returns (q [T, N, H], cache)."""
+    fn = kernels.matmul_qk_norm_rope_store_reference if impl == "reference" else kernels.matmul_qk_norm_rope_store
+    return fn(x, w, tuple(kv_cache), positions, md.slot_mapping, q_norm, k_norm, theta=theta, eps=eps)
 
 
 def qk_norm_rope_store(

@@ -19,12 +19,16 @@ def rope_inv_freq(head_dim: int, theta: float):
     return 1.0 / (theta ** (jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim))
 
 
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+    """positions [T] int32 -> (cos, sin) [T, H/2] of the float32 angles, in `dtype` (what `apply_rope` rotates
+    by; the qkv projection's fused epilogue takes them as operands)."""
+    angles = positions.astype(jnp.float32)[:, None] * rope_inv_freq(head_dim, theta)[None, :]
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
 def apply_rope(x, positions, theta: float):
     """x [T, n, H], positions [T] int32 -> x rotated, in x's dtype (angles in float32)."""
     half = x.shape[-1] // 2
-    inv_freq = rope_inv_freq(x.shape[-1], theta)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
-    cos = jnp.cos(angles)[:, None, :].astype(x.dtype)
-    sin = jnp.sin(angles)[:, None, :].astype(x.dtype)
+    cos, sin = (a[:, None, :] for a in rope_cos_sin(positions, x.shape[-1], theta, x.dtype))
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

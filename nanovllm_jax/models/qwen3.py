@@ -1,7 +1,8 @@
 """The Qwen3 causal LM as a Flax NNX module (Qwen2-style checkpoints too: qkv bias, no q/k norm).
 
 The projections run the decode GEMMs of `kernels.gemm` (XLA's dot where they do not apply): the MLP's
-gate/up with its activation in one kernel; the row-parallel ones (o and down) return split-K partial sums,
+gate/up with its activation in one kernel; qkv with the q/k norms, RoPE and the KV store in its epilogue
+(`kernels.matmul_qk_norm_rope_store`); the row-parallel ones (o and down) return split-K partial sums,
 which the residual norm after them adds (`_row_parallel`).
 
 Written for tensor parallelism from the start: the module is built with the *per-shard* sizes of
@@ -20,7 +21,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanovllm_jax import kernels
-from nanovllm_jax.layers.attention import AttentionMetadata, attend, paged_attention, qk_norm_rope_store
+from nanovllm_jax.layers.attention import (
+    AttentionMetadata,
+    attend,
+    paged_attention,
+    project_qk_norm_rope_store,
+    qk_norm_rope_store,
+)
 from nanovllm_jax.layers.rotary import apply_rope, rope_theta
 
 
@@ -147,21 +154,28 @@ class Qwen3Attention(nnx.Module):
 
     def __call__(self, x, positions, kv_cache: tuple, md: AttentionMetadata):
         T = x.shape[0]
-        qkv = kernels.matmul(x, self.qkv[...])
-        if self.qkv_bias is not None:
-            qkv = qkv + self.qkv_bias[...]
-        if self.q_norm is not None:
-            # One kernel from qkv to attention's inputs: q/k norms, RoPE, and k/v stored in the cache.
+        rope_kw = dict(theta=self.theta, eps=self.eps, impl=self.attn_impl)
+        if self.q_norm is not None and self.qkv_bias is None:
+            # One kernel from x to attention's inputs where it applies (a decode step): the qkv projection,
+            # q/k norms, RoPE, and k/v stored in the cache.
             q_norm, k_norm = self.q_norm.weight[...], self.k_norm.weight[...]
-            q, kv_cache = qk_norm_rope_store(
-                qkv, positions, q_norm, k_norm, kv_cache, md, theta=self.theta, eps=self.eps, impl=self.attn_impl
+            q, kv_cache = project_qk_norm_rope_store(
+                x, self.qkv[...], positions, q_norm, k_norm, kv_cache, md, **rope_kw
             )
             o = attend(q, kv_cache, md, self.attn_impl)
-        else:  # checkpoints without q/k norm (Qwen2): RoPE and the store op by op
-            q, k, v = jnp.split(qkv, [self.n * self.h, (self.n + self.k) * self.h], axis=-1)
-            q, k, v = q.reshape(T, self.n, self.h), k.reshape(T, self.k, self.h), v.reshape(T, self.k, self.h)
-            q, k = apply_rope(q, positions, self.theta), apply_rope(k, positions, self.theta)
-            o, kv_cache = paged_attention(q, k, v, kv_cache, md, self.attn_impl)
+        else:
+            qkv = kernels.matmul(x, self.qkv[...])
+            if self.qkv_bias is not None:
+                qkv = qkv + self.qkv_bias[...]
+            if self.q_norm is not None:  # a qkv bias: the projection apart, then one kernel for the rest
+                q_norm, k_norm = self.q_norm.weight[...], self.k_norm.weight[...]
+                q, kv_cache = qk_norm_rope_store(qkv, positions, q_norm, k_norm, kv_cache, md, **rope_kw)
+                o = attend(q, kv_cache, md, self.attn_impl)
+            else:  # checkpoints without q/k norm (Qwen2): RoPE and the store op by op
+                q, k, v = jnp.split(qkv, [self.n * self.h, (self.n + self.k) * self.h], axis=-1)
+                q, k, v = q.reshape(T, self.n, self.h), k.reshape(T, self.k, self.h), v.reshape(T, self.k, self.h)
+                q, k = apply_rope(q, positions, self.theta), apply_rope(k, positions, self.theta)
+                o, kv_cache = paged_attention(q, k, v, kv_cache, md, self.attn_impl)
         return _row_parallel(o.reshape(T, self.n * self.h), self.o[...], self.tp_axis), kv_cache
 
 
