@@ -1,6 +1,12 @@
 """Shared fixtures: tiny random Qwen3 checkpoints (made once per session) and the `gpu` marker's skip."""
 
 import os
+import sys
+
+# `python -m pytest` puts the repo root on sys.path, where the top-level kernels/ folder (installed as
+# nanovllm_jax.kernels) would shadow Hugging Face's `kernels` package, which transformers imports.
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
 
 # Four fake CPU devices for the tensor-parallel tests (must be set before JAX starts its CPU backend).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):

@@ -147,24 +147,26 @@ def test_sampling_is_reproducible_with_seed(tiny):
 
 
 def test_async_scheduling_matches_sync_with_eos(llm, monkeypatch):
-    prompts = prompts_of([5, 40, 300, 17], seed=13)
+    ahead = {"schedule_ahead": [], "schedule_prefill_ahead": []}
+    for name, calls in ahead.items():
+        method = getattr(llm.scheduler, name)
+        monkeypatch.setattr(llm.scheduler, name, lambda m=method, c=calls: c.append(m()) or c[-1])
+    prompts = prompts_of([300, 400, 17, 5], seed=13)  # two prefill steps: the second continues a chunk
     ref = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True), use_tqdm=False)
     ref = [o["token_ids"] for o in ref]
+    assert any(ahead["schedule_prefill_ahead"])  # launched before the first step's tokens were read
     eos = ref[1][6]  # a token that sequence 1 emits mid-run is the EOS: sequences end at different steps
     limits = (20, 20, 9, 14)
     expected = [r[: min(r.index(eos) + 1 if eos in r else m, m)] for r, m in zip(ref, limits)]
     assert len({len(e) for e in expected}) > 1
     monkeypatch.setattr(llm.scheduler, "eos_ids", frozenset({eos}))
-    ahead = []
-    schedule_ahead = llm.scheduler.schedule_ahead
-    monkeypatch.setattr(llm.scheduler, "schedule_ahead", lambda: ahead.append(schedule_ahead()) or ahead[-1])
     sps = [SamplingParams(temperature=0.0, max_tokens=m) for m in limits]
-    for mode in (True, False):
+    for mode in (True, False):  # the prompts' first blocks are cached now: one prefill step
         monkeypatch.setattr(llm, "async_scheduling", mode)
-        ahead.clear()
+        ahead["schedule_ahead"].clear()
         outs = llm.generate(prompts, sps, use_tqdm=False)
         assert [o["token_ids"] for o in outs] == expected
-        assert any(ahead) == mode  # steps were launched ahead (only) with async scheduling
+        assert any(ahead["schedule_ahead"]) == mode  # windows were launched ahead (only) with async scheduling
 
 
 def test_bad_inputs_raise_and_engine_stays_usable(llm):

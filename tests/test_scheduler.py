@@ -53,11 +53,22 @@ def seq(token_ids: list[int], **sampling) -> Sequence:
 
 
 def step(sched: Scheduler, sampled: int | list[int] = 9) -> tuple[list[Sequence], bool, list[int]]:
-    """schedule + postprocess; returns the batch, its kind and each sequence's num_scheduled_tokens."""
-    seqs, is_prefill, _ = sched.schedule()
+    """schedule + post-processing (one token per sequence); returns the batch, its kind and each
+    sequence's num_scheduled_tokens."""
+    seqs, is_prefill, steps = sched.schedule()
     counts = [s.num_scheduled_tokens for s in seqs]
-    sched.postprocess(seqs, sampled if isinstance(sampled, list) else [sampled] * len(seqs))
+    finish(sched, seqs, is_prefill, steps, sampled if isinstance(sampled, list) else [sampled] * len(seqs))
     return seqs, is_prefill, counts
+
+
+def finish(sched: Scheduler, seqs: list[Sequence], is_prefill: bool, steps: list[int], sampled: list[int]):
+    """A scheduled step's launch and post-processing, as the engine does them, with one sample per sequence."""
+    if is_prefill:
+        sched.prefill_launched(seqs)
+        sched.postprocess(seqs, steps, sampled)
+    else:
+        assert steps == [1] * len(seqs)
+        sched.postprocess_window(seqs, steps, np.asarray([sampled]))
 
 
 def test_chunked_prefill_of_a_long_prompt(make):
@@ -150,6 +161,46 @@ def test_identical_prompt_does_not_hit_a_chunk_still_being_computed(make):
     assert b.num_tokens == 601 and b.num_cached_tokens == 600
 
 
+def test_prefill_steps_scheduled_ahead_continue_chunks_and_hit_launched_blocks(make):
+    sched = make(16, max_num_batched_tokens=400)
+    prompt = tokens(600, 0)
+    a, b, c = seq(prompt), seq(prompt[:512] + tokens(50, 1)), seq(tokens(100, 2))
+    for s in (a, b, c):
+        sched.add(s)
+    assert sched.schedule() == ([a], True, [0])  # a chunk: its sample does not count
+    sched.prefill_launched([a])
+    assert a.num_cached_tokens == 400
+    # The next step, before the first one's tokens are in: a goes on; b hits a's block 0 (launched), not
+    # its block 1, which this same step completes.
+    assert sched.schedule_prefill_ahead() == ([a, b], [1, 0])
+    assert b.block_table[0] == a.block_table[0] and b.block_table[1] != a.block_table[1]
+    assert [s.num_scheduled_tokens for s in (a, b)] == [200, 200] and b.num_cached_tokens == 256
+    assert sched.postprocess([a], [0], [99]) == ([], []) and a.completion_token_ids == []
+    sched.prefill_launched([a, b])
+    assert sched.schedule_prefill_ahead() == ([b, c], [1, 1])
+    sched.prefill_launched([b, c])
+    assert sched.postprocess([a, b], [1, 0], [5, 99]) == ([], [a]) and a.completion_token_ids == [5]
+    assert sched.schedule_prefill_ahead() is None  # nothing waits
+    assert sched.postprocess([b, c], [1, 1], [6, 7]) == ([], [b, c])
+    assert [s.completion_token_ids for s in (b, c)] == [[6], [7]]
+    assert step(sched) == ([a, b, c], False, [1, 1, 1])
+
+
+def test_a_prefill_aborted_in_flight_gets_no_token(make):
+    sched = make(8)
+    a, b = seq(tokens(300, 0)), seq(tokens(300, 1))
+    sched.add(a)
+    seqs, _, steps = sched.schedule()
+    sched.prefill_launched(seqs)
+    sched.add(b)
+    assert sched.schedule_prefill_ahead() == ([b], [1])
+    sched.prefill_launched([b])
+    assert sched.abort(b.seq_id) is b
+    assert sched.postprocess(seqs, steps, [3]) == ([], [a])
+    assert sched.postprocess([b], [1], [4]) == ([], []) and b.completion_token_ids == []
+    assert list(sched.running) == [a] and sched.block_manager.num_free_blocks == 6
+
+
 def test_preemption_order_and_readmission_on_own_prefix(make):
     sched = make(3, max_model_len=512)
     s0 = seq(tokens(256, 0), max_tokens=2)
@@ -167,7 +218,7 @@ def test_preemption_order_and_readmission_on_own_prefix(make):
     assert all(s.status == SequenceStatus.WAITING and s.block_table == [] for s in (s1, s2))
     assert (s1.num_cached_tokens, s1.num_tokens, s1.completion_token_ids) == (0, 257, [2])
     assert list(bm.free_block_ids) == [1]
-    sched.postprocess(seqs, [7])
+    finish(sched, seqs, is_prefill, steps, [7])
     assert s0.is_finished and s0.completion_token_ids == [1, 7] and list(bm.free_block_ids) == [1, 2, 0]
     # s1 hits its own freed block 1; s2's block was reused by s0, so s2 (2 blocks) does not fit.
     assert step(sched, [8]) == ([s1], True, [1])
@@ -187,8 +238,8 @@ def test_stop_conditions(make):
         sched.add(s)
     finished = []
     while not sched.is_finished():
-        seqs, _, _ = sched.schedule()
-        sched.postprocess(seqs, [streams[s][s.num_completion_tokens] for s in seqs])
+        seqs, is_prefill, steps = sched.schedule()
+        finish(sched, seqs, is_prefill, steps, [streams[s][s.num_completion_tokens] for s in seqs])
         finished += [s for s in seqs if s.is_finished]
     assert finished == [d, e, a, c, b]
     assert {s: s.completion_token_ids for s in streams} == streams
@@ -272,7 +323,8 @@ class FakeModel:
         return out
 
 
-def check_invariants(sched: Scheduler):
+def check_invariants(sched: Scheduler, prefilling: list[Sequence] = ()):
+    """`prefilling`: the sequences of a prefill step in flight (launched: their prompts count as cached)."""
     bm = sched.block_manager
     holders = list(sched.running) + [s for s in sched.waiting if s.block_table]
     assert all(s is sched.waiting[0] for s in holders if s.status == SequenceStatus.WAITING)
@@ -284,7 +336,11 @@ def check_invariants(sched: Scheduler):
     assert all(bm.blocks[b].hash == h for h, b in bm.hash_to_block_id.items())
     assert len(sched.running) <= sched.max_num_seqs
     for s in sched.running:
-        assert s.status == SequenceStatus.RUNNING and s.num_cached_tokens == s.num_tokens - 1
+        assert s.status == SequenceStatus.RUNNING
+        if s in prefilling:  # no token yet; the blocks for the KV of the whole prompt
+            assert s.num_cached_tokens == s.num_tokens and len(s.block_table) == -(-s.num_tokens // BS)
+            continue
+        assert s.num_cached_tokens == s.num_tokens - 1
         # Exactly the blocks for the KV of every token known or in flight but the last.
         assert len(s.block_table) == -(-(s.num_tokens + s.num_inflight_tokens - 1) // BS)
     for s in sched.waiting:
@@ -328,10 +384,13 @@ def test_randomized_run_finishes_every_request_exactly_once(make, trial, pipelin
         requests.append(s)
     aborted = {s.seq_id for s in requests if rng.random() < 0.15}
     model, done, in_flight, num_ahead, num_windows = FakeModel(num_blocks, keys, eos_ids), {}, None, 0, 0
+    num_prefills_ahead = 0
 
     def launch(seqs, is_prefill, steps):
         job = model.launch(seqs, is_prefill, steps)
-        if not is_prefill:
+        if is_prefill:
+            sched.prefill_launched(seqs)
+        else:
             for s, n in zip(seqs, steps):
                 s.num_inflight_tokens += n
         return seqs, is_prefill, steps, job
@@ -354,28 +413,36 @@ def test_randomized_run_finishes_every_request_exactly_once(make, trial, pipelin
                     break
                 continue
             seqs, is_prefill, steps = sched.schedule()
-            assert len(set(seqs)) == len(seqs) <= sched.max_num_seqs and all(1 <= n <= window for n in steps)
+            assert len(set(seqs)) == len(seqs) <= sched.max_num_seqs
+            if is_prefill:  # only the last sequence of a step may be a chunk
+                assert steps[:-1] == [1] * (len(steps) - 1) and steps[-1] in (0, 1)
+            else:
+                assert all(1 <= n <= window for n in steps)
             if is_prefill:
                 assert sum(s.num_scheduled_tokens for s in seqs) <= sched.max_num_batched_tokens
             in_flight = launch(seqs, is_prefill, steps)
         seqs, is_prefill, steps, job = in_flight
         in_flight = None
-        if pipelined and not is_prefill and (ahead := sched.schedule_ahead()):
+        if pipelined and is_prefill and (ahead := sched.schedule_prefill_ahead()):
+            assert len(set(ahead[0])) == len(ahead[0]) and set(ahead[0]) & set(seqs) <= {seqs[-1]}  # a chunk goes on
+            in_flight, num_prefills_ahead = launch(*ahead[:1], True, ahead[1]), num_prefills_ahead + 1
+        elif pipelined and not is_prefill and (ahead := sched.schedule_ahead()):
             assert set(ahead[0]) <= set(seqs)
             in_flight, num_ahead = launch(*ahead[:1], False, ahead[1]), num_ahead + 1
         tokens_out = model.collect(job)
         if is_prefill:
-            finished, _ = sched.postprocess(seqs, tokens_out)
+            finished, _ = sched.postprocess(seqs, steps, tokens_out)
         else:
             num_windows += max(steps) > 1
             finished, _ = sched.postprocess_window(seqs, steps, tokens_out)
         for s in finished:
             assert s.seq_id not in done
             done[s.seq_id] = s.completion_token_ids
-        check_invariants(sched)
+        check_invariants(sched, in_flight[0] if in_flight and in_flight[1] else [])
     assert in_flight is None
     aborted = {s.seq_id for s in added if s.finish_reason == "abort"}
     assert all(done.get(i) == c for i, c in expected.items() if i not in aborted)
     assert num_ahead > 0 if pipelined else num_ahead == 0
+    assert num_prefills_ahead == 0 or pipelined
     assert num_windows > 0 if window > 1 else num_windows == 0
     assert sched.block_manager.num_free_blocks == num_blocks

@@ -49,10 +49,11 @@ def prefill_logits(llm, prompts):
     """Logits of the last prompt token of each sequence, from one prefill step of the runner."""
     for p in prompts:
         llm.add_request(p, SamplingParams(temperature=0.0, max_tokens=1))
-    seqs, is_prefill, _ = llm.scheduler.schedule()
+    seqs, is_prefill, steps = llm.scheduler.schedule()
     assert is_prefill and len(seqs) == len(prompts)
     logits = llm.model_runner.prefill_logits(seqs)
-    llm.scheduler.postprocess(seqs, [0] * len(seqs))
+    llm.scheduler.prefill_launched(seqs)
+    llm.scheduler.postprocess(seqs, steps, [0] * len(seqs))
     return logits
 
 

@@ -9,8 +9,9 @@ meanwhile waits for the window in flight (and for the one launched ahead of it, 
 
 Async scheduling: while a decode window runs on the device, the next window is scheduled and launched
 before the running one's tokens are read (`Scheduler.schedule_ahead`), so the host's work per window
-(reading tokens, post-processing, scheduling, packing updates) overlaps the device's. `step()` returns
-the results of one step or window, as without it.
+(reading tokens, post-processing, scheduling, packing updates) overlaps the device's. A prefill step
+likewise has the next prefill step launched behind it (`Scheduler.schedule_prefill_ahead`). `step()`
+returns the results of one step or window, as without it.
 """
 
 import json
@@ -119,16 +120,22 @@ class LLMEngine:
                 return [], 0
             self.in_flight = self._launch(*self.scheduler.schedule())
         launch, self.in_flight = self.in_flight, None
-        if self.async_scheduling and not launch.is_prefill:
-            ahead = self.scheduler.schedule_ahead()
-            if ahead:
-                self.in_flight = self._launch(ahead[0], False, ahead[1])
+        if self.async_scheduling:
+            self.in_flight = self._launch_ahead(launch)
         finished, num_tokens = self._postprocess(launch)
         return [(s.seq_id, s.completion_token_ids) for s in finished], num_tokens
 
+    def _launch_ahead(self, launch: Launch) -> Launch | None:
+        """Launches the step after `launch` (in flight) where the scheduler can tell it before `launch`'s
+        tokens are in: a decode window after a decode window, a prefill step after a prefill step."""
+        ahead = self.scheduler.schedule_prefill_ahead() if launch.is_prefill else self.scheduler.schedule_ahead()
+        return ahead and self._launch(ahead[0], launch.is_prefill, ahead[1])
+
     def _launch(self, seqs: list[Sequence], is_prefill: bool, steps: list[int]) -> Launch:
         if is_prefill:
-            return self.model_runner.prefill(seqs)
+            launch = self.model_runner.prefill(seqs, steps)
+            self.scheduler.prefill_launched(seqs)
+            return launch
         launch = self.model_runner.decode(seqs, steps, max(steps))  # joining rows count no tokens in flight
         for seq, n in zip(seqs, steps):
             seq.num_inflight_tokens += n
@@ -141,9 +148,9 @@ class LLMEngine:
         tokens = launch.read()  # the step's one wait for the device
         self.stats["device_wait_s"] += perf_counter() - t
         if launch.is_prefill:
-            finished, sampled = self.scheduler.postprocess(launch.seqs, tokens)
+            finished, sampled = self.scheduler.postprocess(launch.seqs, launch.steps, tokens)
             self._last_step = [(s, 1) for s in sampled]
-            return finished, sum(s.num_scheduled_tokens for s in launch.seqs)
+            return finished, launch.num_computed
         finished, added = self.scheduler.postprocess_window(launch.seqs, launch.steps, tokens)
         self._last_step = [(s, n) for s, n in zip(launch.seqs, added) if n]
         return finished, -sum(added)
@@ -190,7 +197,7 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
         order = {seq.seq_id: i for i, seq in enumerate(seqs)}
-        results: list[list[int] | None] = [None] * len(seqs)
+        results: list[dict | None] = [None] * len(seqs)
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         prefill_tps = decode_tps = 0.0
         try:
@@ -203,15 +210,16 @@ class LLMEngine:
                 else:
                     decode_tps = -num_tokens / dt
                 bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s", refresh=False)
-                for seq_id, token_ids in outputs:
-                    results[order[seq_id]] = token_ids
+                for seq_id, token_ids in outputs:  # detokenized here, while the step launched ahead runs
+                    text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+                    results[order[seq_id]] = {"text": text, "token_ids": token_ids}
                     bar.update(1)
         except BaseException:  # KeyboardInterrupt included: leave the engine usable
             self._abort_all([seq.seq_id for seq in seqs])
             raise
         finally:
             bar.close()
-        return [{"text": self.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids} for ids in results]
+        return results
 
     def _abort_all(self, seq_ids: list[int]):
         """Abort these requests, wait out the window in flight, and resend the decode batch from scratch

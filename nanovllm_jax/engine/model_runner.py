@@ -73,7 +73,8 @@ class Launch:
     seqs: list[Sequence]  # prefill: the scheduled sequences; decode: the window's rows, in row order
     is_prefill: bool
     tokens: jax.Array  # prefill [B]; decode [steps, B], -1 where a row did not run
-    steps: list[int] | None = None  # decode: tokens each row adds unless it samples EOS
+    steps: list[int]  # tokens each row adds unless it samples EOS (prefill: 1, or 0 for a chunk)
+    num_computed: int = 0  # prefill: the prompt tokens it computes
 
     def read(self) -> np.ndarray:
         return np.asarray(self.tokens)
@@ -319,15 +320,17 @@ class ModelRunner:
 
     # ---- host side -----------------------------------------------------------------------------------
 
-    def prefill(self, seqs: list[Sequence]) -> Launch:
+    def prefill(self, seqs: list[Sequence], steps: list[int] | None = None) -> Launch:
         """Launches a prefill step of `seqs` (each computes its `num_scheduled_tokens` from
-        `num_cached_tokens` on), without waiting for it."""
+        `num_cached_tokens` on), without waiting for it; `steps`: 1 where a sequence's sample counts (its
+        prompt ends in this step), 0 for a chunk (default: all 1)."""
         shape, ints = self._prefill_inputs(seqs)
         sampler, sample_ints, sample_floats, use_top_k_top_p = self._sample_inputs(seqs, shape.seqs)
         ints, sample_ints, sample_floats = jax.device_put((ints, sample_ints, sample_floats), self.replicated)
         logits, self.kv_caches = self.programs["prefill", shape](self.state, self.kv_caches, ints)  # donated
         tokens = self.programs["sample", sampler, use_top_k_top_p](logits, sample_ints, sample_floats)
-        return Launch(list(seqs), True, tokens)
+        steps = [1] * len(seqs) if steps is None else list(steps)
+        return Launch(list(seqs), True, tokens, steps, sum(s.num_scheduled_tokens for s in seqs))
 
     def prefill_logits(self, seqs: list[Sequence]) -> np.ndarray:
         """A prefill step of `seqs` (as `prefill`), waited for: the float32 logits [len(seqs), V] of each

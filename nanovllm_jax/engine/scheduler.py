@@ -10,7 +10,9 @@ sequence is preempted: its blocks are freed and it goes back to the front of the
 later (mostly from its own blocks, which stay in the prefix cache until reused).
 
 `schedule_ahead` schedules the decode window after an in-flight one before that window's tokens are
-known, so that the engine can launch it while the host post-processes the in-flight one.
+known, so that the engine can launch it while the host post-processes the in-flight one;
+`schedule_prefill_ahead` does the same for the prefill step after an in-flight prefill step, whose KV
+counts as computed from its launch on (`prefill_launched`).
 """
 
 from collections import deque
@@ -50,7 +52,40 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Sequence], bool, list[int]]:
         """(sequences, is_prefill, steps): steps are the tokens each sequence's decode window adds unless
-        it samples EOS (prefill: 1 each)."""
+        it samples EOS (prefill: 1 where the step reaches the end of the prompt, 0 for a chunk short of it)."""
+        if prefill := self._admit():
+            return prefill[0], True, prefill[1]
+        if not self.running:
+            raise RuntimeError("internal error: nothing running and the first waiting sequence does not fit")
+        # NOTE: a window costs the GPU time of `decode_window` steps however few it decodes (its loop has a
+        # static trip count), so it is cut short only where the cache lacks the blocks; a request waiting
+        # here cannot be admitted before some sequence finishes anyway.
+        steps = self._reserve(list(self.running), self.decode_window)
+        if steps is not None:
+            return list(self.running), False, steps
+
+        # One step, preempting the newest sequences while the cache is short.
+        scheduled: list[Sequence] = []
+        while self.running:
+            seq = self.running.popleft()
+            while not self.block_manager.can_append(seq):
+                if self.running:
+                    self.preempt(self.running.pop())
+                else:
+                    self.preempt(seq)
+                    break
+            else:
+                self.block_manager.may_append(seq)
+                seq.num_scheduled_tokens = 1
+                scheduled.append(seq)
+        if not scheduled:
+            raise RuntimeError("internal error: a sequence alone cannot get a KV block")
+        self.running.extend(scheduled)
+        return scheduled, False, [1] * len(scheduled)
+
+    def _admit(self) -> tuple[list[Sequence], list[int]] | None:
+        """A prefill step: waiting sequences in order, while the token budget, `max_num_seqs` and the cache
+        allow, with `schedule`'s steps; None where none is admitted."""
         scheduled: list[Sequence] = []
         budget = self.max_num_batched_tokens
         # NOTE: at most one sequence is partially prefilled, and it is waiting[0]: a chunk uses up the
@@ -70,34 +105,25 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-        if scheduled:
-            return scheduled, True, [1] * len(scheduled)
-        if not self.running:
-            raise RuntimeError("internal error: nothing running and the first waiting sequence does not fit")
-        # NOTE: a window costs the GPU time of `decode_window` steps however few it decodes (its loop has a
-        # static trip count), so it is cut short only where the cache lacks the blocks; a request waiting
-        # here cannot be admitted before some sequence finishes anyway.
-        steps = self._reserve(list(self.running), self.decode_window)
-        if steps is not None:
-            return list(self.running), False, steps
-
-        # One step, preempting the newest sequences while the cache is short.
-        while self.running:
-            seq = self.running.popleft()
-            while not self.block_manager.can_append(seq):
-                if self.running:
-                    self.preempt(self.running.pop())
-                else:
-                    self.preempt(seq)
-                    break
-            else:
-                self.block_manager.may_append(seq)
-                seq.num_scheduled_tokens = 1
-                scheduled.append(seq)
         if not scheduled:
-            raise RuntimeError("internal error: a sequence alone cannot get a KV block")
-        self.running.extend(scheduled)
-        return scheduled, False, [1] * len(scheduled)
+            return None
+        return scheduled, [int(s.num_cached_tokens + s.num_scheduled_tokens == s.num_tokens) for s in scheduled]
+
+    def prefill_launched(self, seqs: list[Sequence]):
+        """Once a prefill step of `seqs` is launched, its KV counts as computed: the full blocks it fills
+        are registered for prefix-cache hits and `num_cached_tokens` advances past it. Any later step
+        reads the cache this one writes (the caches thread through the steps' programs in launch order),
+        so the next prefill step can be scheduled, and hit these blocks, before this one's tokens are read."""
+        for seq in seqs:
+            self.block_manager.hash_blocks(seq)
+            seq.num_cached_tokens += seq.num_scheduled_tokens
+
+    def schedule_prefill_ahead(self) -> tuple[list[Sequence], list[int]] | None:
+        """The prefill step after one in flight (see `prefill_launched`), as (sequences, steps), or None
+        where no waiting prompt can be admitted yet. It may admit fewer than `schedule` would once the
+        in-flight step is post-processed: its sequences that finish at their first token still hold their
+        rows and blocks."""
+        return self._admit()
 
     def schedule_ahead(self) -> tuple[list[Sequence], list[int]] | None:
         """The decode window after the in-flight one, as `schedule` will see it once the in-flight tokens
@@ -153,15 +179,13 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         self.waiting.appendleft(seq)
 
-    def postprocess(self, seqs: list[Sequence], token_ids) -> tuple[list[Sequence], list[Sequence]]:
-        """Advance `seqs` past the prefill step that `schedule` returned them for; `token_ids` are its
-        samples. Returns (the sequences this step finished, those that got a token)."""
+    def postprocess(self, seqs: list[Sequence], steps: list[int], token_ids) -> tuple[list[Sequence], list[Sequence]]:
+        """Add the samples `token_ids` of a launched prefill step (see `prefill_launched`) of `seqs`, with
+        `schedule`'s steps. Returns (the sequences this step finished, those that got a token)."""
         finished, sampled = [], []
-        for seq, token_id in zip(seqs, token_ids[: len(seqs)], strict=True):
-            self.block_manager.hash_blocks(seq)
-            seq.num_cached_tokens += seq.num_scheduled_tokens
-            if seq.num_cached_tokens < seq.num_tokens:
-                continue  # a prefill chunk short of the last token: its sample is meaningless
+        for seq, n, token_id in zip(seqs, steps, token_ids[: len(seqs)], strict=True):
+            if seq.is_finished or not n:  # aborted while its step ran, or a chunk: its sample is meaningless
+                continue
             seq.append_token(int(token_id))
             sampled.append(seq)
             if self._finish_if_done(seq):
