@@ -4,12 +4,16 @@ Default mode: a stripped copy of the decode kernel (grid (batch, kv head), one s
 the value tiles are read each of several ways, named "K:V":
   K  bf16  bf16 pages;      f16  e4m3 bytes decoded to float16 (the kernel's "f16");
      f16u  the same, read unmasked and zeroed past the context in registers;
-     fp8   e4m3 dots on the tensor cores, q split into two e4m3 terms (hi + lo / 16).
+     fp8   e4m3 dots on the tensor cores, q split into two e4m3 terms (hi + lo / 16);
+     fma   no key dot: each real query row times the decoded tile on the FMA units, summed over head_dim.
   V  bf16, f16, as K;       fp8  e4m3 dots, p split the same way;
      f16T, fp8T  pages stored transposed ([head_dim, page]: the value dot reads along the keys), masked
                  loads; f16Tu, fp8Tu unmasked;
      u16, u32    the bytes read as uint16 pairs / uint32 quads and multiplied as 2 / 4 narrower value tiles
-                 (u16: the engine kernel's read).
+                 (u16: the engine kernel's read);
+     fma, fmar   no value dot: each real query row's probabilities times the decoded tile on the FMA units,
+                 summed over the keys at the end (fma: a [keys, head_dim] accumulator per row) or at every
+                 block (fmar).
 Each variant is checked against a float32 reference on the dequantized pages, then timed by CUPTI.
 
 `--tiles`: the engine's kernel (`paged_decode_attention`, fp8 pages) at batch 32-256 (`--batches`) with other
@@ -53,6 +57,9 @@ VARIANTS = [
     "fp8:fp8Tu",
     "f16:u16",
     "f16:u32",
+    "f16:fma",
+    "f16:fmar",
+    "fma:fma",
 ]
 PARTS = {"u16": 2, "u32": 4}  # value tiles per byte group
 
@@ -75,6 +82,7 @@ def make_kernel(kmode, vmode, block_k):
     parts = PARTS.get(vmode, 1)
     transposed = "T" in vmode
     unmasked_v = vmode.endswith("u") and transposed
+    fma = vmode.startswith("fma")
 
     def kernel(lens_ref, tables_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, o_ref):
         b, head = pl.program_id(0), pl.program_id(1)
@@ -99,6 +107,13 @@ def make_kernel(kmode, vmode, block_k):
                 k = plgpu.load(k_ref.at[page, head, pl.ds(offset, block_k), :], mask=mask, other=0)
             ks = plgpu.load(ks_ref.at[page, head, pl.ds(offset, block_k)], mask=valid, other=0.0)
             k = lax.bitcast_convert_type(k, F8)
+            if kmode == "fma":
+                k = k.astype(jnp.float16).astype(jnp.float32)
+                s = jnp.zeros((ROWS, block_k), jnp.float32)
+                for g in range(GROUP):
+                    qg = jnp.sum(jnp.where((row == g)[:, None], q, 0.0), axis=0)
+                    s = jnp.where((row == g)[:, None], jnp.sum(qg[None, :] * k, axis=1)[None, :], s)
+                return s * (ks * scale_log2)[None, :]
             s = _dot2(qd, k, True) / q_scale if kmode == "fp8" else plgpu.dot(qd, k.astype(jnp.float16), trans_b=True)
             return s * (ks * scale_log2)[None, :]
 
@@ -133,6 +148,20 @@ def make_kernel(kmode, vmode, block_k):
                 pvd = plgpu.dot(pv.astype(jnp.float16), v.astype(jnp.float16), trans_b=transposed)
             return (pvd * vmax,)
 
+        def values_fma(page, offset, valid, mask, p, alpha, acc):
+            """The accumulators of the real rows (a tuple of GROUP), rescaled by alpha and plus p times the tile."""
+            vs = plgpu.load(vs_ref.at[page, head, pl.ds(offset, block_k)], mask=valid, other=0.0)
+            v = plgpu.load(v_ref.at[page, head, pl.ds(offset, block_k), :], mask=mask, other=0)
+            v = lax.bitcast_convert_type(v, F8).astype(jnp.float16).astype(jnp.float32)
+            pv = p * vs[None, :]
+            out = []
+            for g, a in enumerate(acc):
+                pg = jnp.sum(jnp.where((row == g)[:, None], pv, 0.0), axis=0)
+                ag = jnp.sum(jnp.where(row == g, alpha, 0.0))
+                x = pg[:, None] * v
+                out.append(a * ag + (x if vmode == "fma" else jnp.sum(x, axis=0)))
+            return tuple(out)
+
         def body(i, carry):
             acc, m, l = carry
             start = i * block_k
@@ -145,12 +174,24 @@ def make_kernel(kmode, vmode, block_k):
             alpha = jnp.exp2(m - m_next)
             p = jnp.exp2(s - m_next[:, None])
             l = l * alpha + p.sum(axis=1)
+            if fma:
+                return values_fma(page, offset, valid, mask, p, alpha, acc), m_next, l
             pvd = values(page, offset, valid, mask, p)
             return tuple(a * alpha[:, None] + x for a, x in zip(acc, pvd, strict=True)), m_next, l
 
-        acc = (jnp.zeros((ROWS, HEAD_DIM // parts), jnp.float32),) * parts
+        if fma:
+            acc = (jnp.zeros((block_k, HEAD_DIM) if vmode == "fma" else (HEAD_DIM,), jnp.float32),) * GROUP
+        else:
+            acc = (jnp.zeros((ROWS, HEAD_DIM // parts), jnp.float32),) * parts
         init = (acc, jnp.full((ROWS,), MASK, jnp.float32), jnp.zeros((ROWS,), jnp.float32))
         acc, m, l = lax.fori_loop(0, pl.cdiv(ctx, block_k), body, init)
+        if fma:
+            for g, a in enumerate(acc):
+                lg = jnp.sum(jnp.where(row == g, l, 0.0))
+                o = jnp.sum(a, axis=0) if vmode == "fma" else a
+                o = jnp.where(lg > 0, o / lg, 0.0).astype(o_ref.dtype)
+                o_ref[b, head * GROUP + g, :] = o
+            return
         # parts > 1: written as [part 0's head dims | part 1's | ...], put back in order outside
         width = HEAD_DIM // parts
         row_mask = jnp.broadcast_to((row < GROUP)[:, None], (ROWS, width))
@@ -214,7 +255,8 @@ def probe_variants(args):
     shapes = [tuple(map(int, s.split(":"))) for s in args.shapes]
     num_pages = max(b * c // PAGE for b, c in shapes) + 1
     c = caches(num_pages)
-    tilings = [(64, 4, 3), (128, 4, 3)] + ([(128, 4, 2), (64, 4, 2), (256, 4, 2)] if args.sweep else [])
+    tilings = [tuple(map(int, t.split(":"))) for t in args.tilings]
+    tilings += [(128, 4, 2), (64, 4, 2), (256, 4, 2)] if args.sweep else []
     rows = []
     for batch, ctx in shapes:
         rng = np.random.default_rng(0)
@@ -293,6 +335,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["64:1024", "256:2048"], help="batch:context")
     p.add_argument("--variants", nargs="+", default=VARIANTS, help="K:V read modes (module docstring)")
+    p.add_argument("--tilings", nargs="+", default=["64:4:3", "128:4:3"], help="key block:warps:stages")
     p.add_argument("--sweep", action="store_true", help="also 128-key blocks 2 deep, 64 keys 2 deep, 256 keys")
     p.add_argument("--tiles", action="store_true", help="time the engine's kernel with other splits and tiles")
     p.add_argument("--batches", nargs="+", type=int, default=[32, 64, 128, 256], help="--tiles: batches (ctx 1024)")
